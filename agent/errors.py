@@ -1,0 +1,53 @@
+"""Agent error hierarchy. Foreign exceptions are translated where they enter.
+
+AgentError
+├── ConfigError         bad or missing configuration (exit code 2)
+├── EnrollError         enrolment refused or collector not trusted
+├── StateError          agent state directory missing or damaged
+├── LabelError          a file's label could not be read
+├── SpoolError          the durable spool failed
+└── ShipError           a batch could not be delivered (retried)
+    └── RejectedError   the collector refused a batch for good
+"""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Base of every error the agent reports to a person."""
+
+    exit_code = 1
+    hint = ""
+
+    def diagnostics(self) -> str:
+        """The message shown on the command line, with a hint when there is one."""
+        text = str(self)
+        return f"{text}\nTip: {self.hint}" if self.hint else text
+
+
+class ConfigError(AgentError):
+    exit_code = 2
+
+
+class EnrollError(AgentError):
+    pass
+
+
+class StateError(AgentError):
+    hint = "enrol first: exfilwatch-agent enroll --collector HOST:PORT --token TOKEN --state DIR"
+
+
+class LabelError(AgentError):
+    pass
+
+
+class SpoolError(AgentError):
+    pass
+
+
+class ShipError(AgentError):
+    pass
+
+
+class RejectedError(ShipError):
+    pass

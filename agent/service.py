@@ -1,0 +1,162 @@
+"""The agent's lifecycle: startup() -> run() -> shutdown(), owning every thread it starts.
+
+It wires watcher -> pipeline -> spool -> shipper, reports agent_start/agent_stop,
+turns spool drops into coverage gaps, and exits when a stage dies (a blind agent
+must not look healthy).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import uuid
+
+from agent import __version__
+from agent.attribution import Attributor
+from agent.clock import Clock
+from agent.config import AgentConfig
+from agent.copy_detector import CopyDetector
+from agent.errors import AgentError
+from agent.events import Action, CoverageGap, Event, EventId
+from agent.identity import SIGNING_KEY, SPOOL, Identity
+from agent.index import FileHasher, SensitiveIndex
+from agent.pipeline import Pipeline
+from agent.shipper import Shipper, ShipperSettings
+from agent.signer import Signer
+from agent.spool import Spool
+from agent.watcher import ObservationQueue, Role, Watcher
+
+logger = logging.getLogger(__name__)
+
+
+class AgentService:
+    def __init__(
+        self,
+        config: AgentConfig,
+        identity: Identity,
+        clock: Clock,
+        *,
+        shipper_settings: ShipperSettings | None = None,
+    ) -> None:
+        self._config = config
+        self._identity = identity
+        self._clock = clock
+        self._shipper_settings = shipper_settings or ShipperSettings(
+            max_events=config.batch.max_events,
+            max_bytes=config.batch.max_bytes,
+            max_delay_ns=int(config.batch.max_delay * 1e9),
+        )
+        self.should_exit = threading.Event()
+        self._spool: Spool | None = None
+        self._shipper: Shipper | None = None
+        self._watcher: Watcher | None = None
+        self._pipeline: Pipeline | None = None
+        self._gaps = 0
+        self._gaps_lock = threading.Lock()
+        self.failure: str | None = None
+
+    # events
+
+    def _event(self, action: Action, gap: CoverageGap | None = None) -> Event:
+        return Event(
+            event_id=EventId(str(uuid.uuid4())),
+            observed_at_ns=self._clock.wall_ns(),
+            action=action,
+            host=self._config.host,
+            agent_version=__version__,
+            gap=gap,
+        )
+
+    def emit(self, event: Event) -> None:
+        """Called from pipeline workers: spool durably, then wake the shipper."""
+        if self._spool is None:
+            raise AgentError("agent not started")
+        if event.action is Action.COVERAGE_GAP:
+            with self._gaps_lock:
+                self._gaps += 1
+        self._spool.append([event])
+        logger.debug("spooled event %s %s", event.event_id, event.action)
+        if self._shipper is not None:
+            self._shipper.wake()
+
+    def _status(self) -> tuple[str, int]:
+        with self._gaps_lock:
+            return "", self._gaps
+
+    # lifecycle
+
+    def startup(self) -> None:
+        config, state = self._config, self._identity.state_dir
+        signer = Signer.load(state / SIGNING_KEY)
+        self._spool = Spool.open(
+            state / SPOOL,
+            agent_id=self._identity.agent_id,
+            signer=signer,
+            max_bytes=config.spool.max_bytes,
+        )
+        self._shipper = Shipper(
+            self._identity, self._spool, self._clock, self._shipper_settings, self._status
+        )
+        self._shipper.start()
+        self.emit(self._event(Action.AGENT_START))
+        index = SensitiveIndex(config.labels.levels)
+        observations: ObservationQueue = queue.Queue(maxsize=config.queue_size)
+        roots = [(root, Role.SENSITIVE) for root in config.sensitive_roots]
+        roots += [(dest.path, Role.DESTINATION) for dest in config.destinations]
+        self._watcher = Watcher(roots, observations)
+        self._pipeline = Pipeline(
+            config,
+            index,
+            CopyDetector(index),
+            Attributor(),
+            FileHasher(config.hashing.max_file_bytes),
+            self.emit,
+            self._clock,
+            observations=observations,
+            drops=self._watcher.take_dropped,
+        )
+        self._pipeline.start()
+        # Watch before the first scan: a copy made during the scan is still seen.
+        self._watcher.start()
+        self._pipeline.rescan()
+        logger.info(
+            "agent %s running: %d labelled files indexed, %d sensitive roots, %d destinations",
+            self._identity.agent_id,
+            len(index),
+            len(config.sensitive_roots),
+            len(config.destinations),
+        )
+
+    def run(self, health_interval: float = 1.0) -> None:
+        """Block until should_exit is set or a stage dies."""
+        if self._spool is None or self._watcher is None or self._pipeline is None:
+            raise AgentError("agent not started")
+        while not self.should_exit.wait(health_interval):
+            dropped = self._spool.take_dropped()
+            if dropped:
+                logger.warning("spool full: dropped %d events", dropped)
+                self.emit(self._event(Action.COVERAGE_GAP, CoverageGap("spool_dropped", dropped)))
+            if self._pipeline.failure is not None or not self._pipeline.alive:
+                self.failure = "pipeline worker died"
+            elif not self._watcher.healthy():
+                self.failure = "filesystem watcher died"
+            if self.failure:
+                logger.error("%s: stopping so the service manager restarts the agent", self.failure)
+                return
+
+    def shutdown(self, flush_s: float = 5.0) -> None:
+        """Stop watching, finish queued work, report agent_stop, deliver what is spooled."""
+        if self._watcher is not None:
+            self._watcher.stop()
+        if self._pipeline is not None:
+            self._pipeline.stop()
+        if self._spool is not None:
+            try:
+                self.emit(self._event(Action.AGENT_STOP))
+            except AgentError:
+                logger.exception("could not spool agent_stop")
+        if self._shipper is not None:
+            self._shipper.stop(flush_s)
+        if self._spool is not None:
+            self._spool.close()

@@ -1,0 +1,196 @@
+"""Shipper: seals spooled events into signed batches and delivers them, acknowledged or retried.
+
+Batches close at max events/bytes, at max_delay, or after a short linger when
+nothing is in flight (so a lone copy is not held back a whole second).
+Delivery is at least once: a batch leaves the spool only after the collector's
+acknowledgement; retries resend the same bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from agent import __version__
+from agent.clock import Clock
+from agent.codec import signed_batch_message
+from agent.identity import Identity
+from agent.spool import SealedBatch, Spool
+from exfilwatch.v1 import collector_pb2, collector_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_send_message_length", 8 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 1024 * 1024),
+    # Matches the collector's min_ping_interval (30 s): never ping more often.
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
+)
+
+# Refusals that retrying the same bytes cannot fix: logged loudly, retried slowly.
+_REFUSED = {
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+
+def next_delay(attempt: int, rng: random.Random, *, base: float = 0.2, cap: float = 10.0) -> float:
+    """Jittered exponential backoff: a fleet coming back does not reconnect in lockstep."""
+    ceiling = min(cap, base * 2.0 ** min(attempt, 30))
+    return ceiling * (0.5 + rng.random() / 2)
+
+
+@dataclass(frozen=True)
+class ShipperSettings:
+    max_events: int = 500
+    max_bytes: int = 1024 * 1024
+    max_delay_ns: int = 1_000_000_000
+    linger_ns: int = 50_000_000
+    heartbeat_s: float = 30.0
+    call_timeout_s: float = 15.0
+    max_backoff_s: float = 10.0
+
+
+class Shipper:
+    """Owns one thread; `wake()` after appending to the spool; `stop(flush_s)` joins it."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        spool: Spool,
+        clock: Clock,
+        settings: ShipperSettings,
+        status: Callable[[], tuple[str, int]] = lambda: ("", 0),
+    ) -> None:
+        self._identity = identity
+        self._spool = spool
+        self._clock = clock
+        self._settings = settings
+        self._status = status  # (policy revision, coverage gaps so far)
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._flush_deadline = 0.0
+        self._thread = threading.Thread(target=self._run, name="shipper")
+        self._rng = random.Random()  # noqa: S311 (jitter, not security)
+        self._channel: grpc.Channel | None = None
+        self.acked_batches = 0
+        self.connected = False
+
+    def start(self) -> None:
+        ca, key, cert = self._identity.tls_material()
+        creds = grpc.ssl_channel_credentials(ca, key, cert)
+        self._channel = grpc.secure_channel(self._identity.target, creds, options=CHANNEL_OPTIONS)
+        self._stub = collector_pb2_grpc.CollectorStub(self._channel)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, flush_s: float = 5.0) -> None:
+        """Seal what is pending and try to deliver it for up to `flush_s`, then stop."""
+        self._flush_deadline = self._clock.monotonic() + flush_s
+        self._stopping.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        if self._channel is not None:
+            self._channel.close()
+
+    def _seal_due(self, now_ns: int, idle: bool) -> None:
+        s = self._settings
+        max_age = s.linger_ns if idle else s.max_delay_ns
+        if self._stopping.is_set():
+            max_age = 0
+        while self._spool.should_seal(
+            now_ns, max_events=s.max_events, max_bytes=s.max_bytes, max_age_ns=max_age
+        ):
+            if self._spool.seal(now_ns, max_events=s.max_events, max_bytes=s.max_bytes) is None:
+                break
+
+    def _send(self, batch: SealedBatch) -> bool:
+        request = signed_batch_message(batch.body, batch.signature, batch.key_id)
+        try:
+            ack = self._stub.UploadBatch(request, timeout=self._settings.call_timeout_s)
+        except grpc.RpcError as e:
+            self.connected = False
+            code = e.code()
+            if code in _REFUSED:
+                logger.error(
+                    "collector refused batch %d: %s: %s", batch.batch_seq, code.name, e.details()
+                )
+            else:
+                logger.info("batch %d not delivered (%s); will retry", batch.batch_seq, code.name)
+            return False
+        if ack.batch_seq != batch.batch_seq or ack.batch_digest != batch.digest:
+            logger.error("acknowledgement does not match batch %d; will resend", batch.batch_seq)
+            return False
+        self._spool.ack(batch.batch_seq)
+        self.connected = True
+        self.acked_batches += 1
+        logger.debug(
+            "batch %d acknowledged (%d events%s)",
+            batch.batch_seq,
+            batch.n_events,
+            ", duplicate" if ack.duplicate else "",
+        )
+        return True
+
+    def _heartbeat(self) -> None:
+        pending, sealed = self._spool.depth()
+        revision, gaps = self._status()
+        request = collector_pb2.HeartbeatRequest(
+            agent_id=self._identity.agent_id,
+            sent_at_ns=self._clock.wall_ns(),
+            agent_version=__version__,
+            policy_revision=revision,
+            spool_depth=pending + sealed,
+            coverage_gaps=gaps,
+        )
+        try:
+            self._stub.Heartbeat(request, timeout=self._settings.call_timeout_s)
+            self.connected = True
+        except grpc.RpcError as e:
+            self.connected = False
+            logger.info("heartbeat failed: %s", e.code().name)
+
+    def _run(self) -> None:
+        attempt = 0
+        next_heartbeat = 0.0
+        while True:
+            now = self._clock.monotonic()
+            if self._stopping.is_set() and now >= self._flush_deadline:
+                break
+            if now >= next_heartbeat and not self._stopping.is_set():
+                self._heartbeat()
+                next_heartbeat = now + self._settings.heartbeat_s
+            batch = self._spool.next_unacked()
+            self._seal_due(self._clock.wall_ns(), idle=batch is None)
+            batch = batch or self._spool.next_unacked()
+            if batch is not None:
+                if self._send(batch):
+                    attempt = 0
+                    continue
+                delay = next_delay(attempt, self._rng, cap=self._settings.max_backoff_s)
+                attempt += 1
+            else:
+                pending, _ = self._spool.depth()
+                if self._stopping.is_set() and pending == 0:
+                    break
+                # Come back when the oldest pending event's linger is up, or on wake().
+                delay = self._settings.linger_ns / 1e9 if pending else 1.0
+            if self._stopping.is_set():
+                delay = min(delay, max(0.0, self._flush_deadline - self._clock.monotonic()))
+            self._wake.wait(delay)
+            self._wake.clear()

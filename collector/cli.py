@@ -1,0 +1,290 @@
+"""exfilwatch-collector command line: init, token, serve, agents, events, alerts, policy.
+
+The one place collector errors reach a person: `main` prints diagnostics and
+returns the exit code (1, or 2 for configuration errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TextIO
+
+from collector import __version__, pki
+from collector import policy as policy_mod
+from collector.enroll import Enrollment
+from collector.errors import CollectorError, ConfigError
+from collector.ingest import Ingestor
+from collector.policy import load_policy
+from collector.rpc import Handlers
+from collector.server import create_server
+from collector.store import SqliteStore
+from collector.views import agent_json, alert_json, alert_text, event_json, event_line
+
+logger = logging.getLogger("collector")
+
+DB_FILE = "collector.db"
+LISTEN_FILE = "listen.json"
+
+
+def duration_arg(text: str) -> int:
+    """A CLI duration (30m, 24h, 7d) in nanoseconds."""
+    try:
+        return policy_mod.parse_duration(text.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def open_store(data: Path) -> SqliteStore:
+    if not (data / pki.CA_CERT).exists():
+        raise ConfigError(
+            f"{data} is not an initialised collector data directory",
+        )
+    return SqliteStore.open(data / DB_FILE)
+
+
+def cmd_init(args: argparse.Namespace, out: TextIO) -> int:
+    fp = pki.init_pki(args.data, args.hostname)
+    SqliteStore.open(args.data / DB_FILE).close()
+    out.write(f"initialised {args.data}\nCA fingerprint sha256:{fp}\n")
+    out.write(f"next: exfilwatch-collector token create --data {args.data}\n")
+    return 0
+
+
+def cmd_token_create(args: argparse.Namespace, out: TextIO) -> int:
+    authority = pki.Authority.load(args.data)
+    token = pki.new_token(authority.fingerprint)
+    now = time.time_ns()
+    store = open_store(args.data)
+    try:
+        store.add_token(
+            token.token_id, pki.secret_hash(token.secret), now, now + args.ttl, args.uses
+        )
+    finally:
+        store.close()
+    if args.json:
+        expires = now + args.ttl
+        out.write(json.dumps({"token": str(token), "uses": args.uses, "expires_at_ns": expires}))
+        out.write("\n")
+    else:
+        out.write(f"{token}\n")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
+    policy = load_policy(args.policy)
+    authority = pki.Authority.load(args.data)
+    store = open_store(args.data)
+    try:
+        ingest = Ingestor(store, policy)
+        ingest.restore(time.time_ns())
+        holder: dict[str, int] = {}
+        handlers = Handlers(
+            ingest, Enrollment(store, authority), authority, time.time_ns, lambda: holder["agent"]
+        )
+        enroll_listen = args.enroll_listen or _next_port(args.listen)
+        bound = create_server(handlers, authority, listen=args.listen, enroll_listen=enroll_listen)
+        holder["agent"] = bound.agent_port
+        host = args.listen.rpartition(":")[0]
+        addresses = {
+            "agents": f"{host}:{bound.agent_port}",
+            "enroll": f"{enroll_listen.rpartition(':')[0]}:{bound.enroll_port}",
+        }
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        bound.server.start()
+        tmp = args.data / (LISTEN_FILE + ".tmp")
+        tmp.write_text(json.dumps(addresses) + "\n")
+        os.replace(tmp, args.data / LISTEN_FILE)
+        out.write(
+            f"exfilwatch-collector {__version__} listening: agents {addresses['agents']} "
+            f"(mutual TLS), enrolment {addresses['enroll']}; data {args.data}; "
+            f"policy {policy.revision}\n"
+        )
+        out.flush()
+        stop.wait()
+        logger.info("stopping")
+        bound.server.stop(grace=5).wait()
+    finally:
+        store.close()
+    return 0
+
+
+def _next_port(listen: str) -> str:
+    host, _, port = listen.rpartition(":")
+    return f"{host}:{int(port) + 1}" if port.isdigit() and int(port) else f"{host}:0"
+
+
+def _emit(
+    rows: Sequence[dict[str, object]], lines: Sequence[str], args: argparse.Namespace, out: TextIO
+) -> int:
+    if args.json:
+        for row in rows:
+            out.write(json.dumps(row, sort_keys=True) + "\n")
+    else:
+        for line in lines:
+            out.write(line + "\n")
+    return 0
+
+
+def cmd_agents_list(args: argparse.Namespace, out: TextIO) -> int:
+    store = open_store(args.data)
+    try:
+        agents = store.list_agents()
+    finally:
+        store.close()
+    lines = [
+        f"{a.agent_id}  {a.hostname}  v{a.agent_version}  last seen "
+        f"{_ago(a.last_seen_ns)}  spool {a.spool_depth}{'  REVOKED' if a.revoked else ''}"
+        for a in agents
+    ]
+    return _emit([agent_json(a) for a in agents], lines or ["no agents enrolled"], args, out)
+
+
+def _ago(ns: int) -> str:
+    if not ns:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ns / 1e9)) + "Z"
+
+
+def cmd_events_list(args: argparse.Namespace, out: TextIO) -> int:
+    store = open_store(args.data)
+    try:
+        events = store.list_events(limit=args.limit)
+    finally:
+        store.close()
+    return _emit([event_json(e) for e in events], [event_line(e) for e in events], args, out)
+
+
+def cmd_alerts_list(args: argparse.Namespace, out: TextIO) -> int:
+    store = open_store(args.data)
+    try:
+        alerts = store.list_alerts(status=args.status, limit=args.limit)
+    finally:
+        store.close()
+    lines = [
+        f"#{a.alert_id}  {a.severity:<8} {a.status:<14} {a.kind:<9} {a.reason}" for a in alerts
+    ]
+    rows = [alert_json(a, evidence=None) for a in alerts]
+    return _emit(rows, lines or ["no alerts"], args, out)
+
+
+def cmd_alerts_show(args: argparse.Namespace, out: TextIO) -> int:
+    store = open_store(args.data)
+    try:
+        alert, events = store.get_alert(args.id)
+    finally:
+        store.close()
+    if args.json:
+        out.write(json.dumps(alert_json(alert, evidence=events), sort_keys=True) + "\n")
+    else:
+        out.write(alert_text(alert, events))
+    return 0
+
+
+def cmd_policy_check(args: argparse.Namespace, out: TextIO) -> int:
+    policy = load_policy(args.policy)
+    out.write(f"{args.policy}: ok, revision {policy.revision}, {len(policy.rules)} rules\n")
+    return 0
+
+
+Command = Callable[[argparse.Namespace, TextIO], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="exfilwatch-collector", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def data_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data", type=Path, required=True, help="collector data directory")
+
+    def json_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = sub.add_parser("init", help="create CA, server certificate and keys")
+    data_arg(p)
+    p.add_argument("--hostname", action="append", default=[], help="extra name for the certificate")
+    p.set_defaults(func=cmd_init)
+
+    token = sub.add_parser("token", help="enrolment tokens").add_subparsers(
+        dest="sub", required=True
+    )
+    p = token.add_parser("create", help="print a new enrolment token")
+    data_arg(p)
+    json_arg(p)
+    p.add_argument("--ttl", type=duration_arg, default="24h", help="lifetime (default 24h)")
+    p.add_argument("--uses", type=int, default=1, help="how many agents may use it (default 1)")
+    p.set_defaults(func=cmd_token_create)
+
+    p = sub.add_parser("serve", help="run the collector")
+    data_arg(p)
+    p.add_argument("--listen", default="0.0.0.0:7443", help="agent port, mutual TLS (HOST:PORT)")
+    p.add_argument("--enroll-listen", help="enrolment port (default: the agent port + 1)")
+    p.add_argument("--policy", type=Path, required=True)
+    p.set_defaults(func=cmd_serve)
+
+    agents = sub.add_parser("agents", help="enrolled agents").add_subparsers(
+        dest="sub", required=True
+    )
+    p = agents.add_parser("list")
+    data_arg(p)
+    json_arg(p)
+    p.set_defaults(func=cmd_agents_list)
+
+    events = sub.add_parser("events", help="stored events").add_subparsers(
+        dest="sub", required=True
+    )
+    p = events.add_parser("list")
+    data_arg(p)
+    json_arg(p)
+    p.add_argument("--limit", type=int, default=100)
+    p.set_defaults(func=cmd_events_list)
+
+    alerts = sub.add_parser("alerts", help="alerts").add_subparsers(dest="sub", required=True)
+    p = alerts.add_parser("list")
+    data_arg(p)
+    json_arg(p)
+    p.add_argument("--status", choices=["new", "in_progress", "resolved", "false_positive"])
+    p.add_argument("--limit", type=int, default=100)
+    p.set_defaults(func=cmd_alerts_list)
+    p = alerts.add_parser("show")
+    data_arg(p)
+    json_arg(p)
+    p.add_argument("id", type=int)
+    p.set_defaults(func=cmd_alerts_show)
+
+    policy = sub.add_parser("policy", help="policy files").add_subparsers(dest="sub", required=True)
+    p = policy.add_parser("check", help="validate a policy file")
+    p.add_argument("--policy", type=Path, required=True)
+    p.set_defaults(func=cmd_policy_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = "DEBUG" if args.verbose else os.environ.get("EXFILWATCH_LOGLEVEL", "INFO").upper()
+    pkg = logging.getLogger("collector")
+    if not pkg.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        pkg.addHandler(handler)
+    pkg.setLevel(level if level in logging.getLevelNamesMapping() else "INFO")
+    func: Command = args.func
+    try:
+        return func(args, out or sys.stdout)
+    except CollectorError as e:
+        if args.verbose:
+            logger.exception("failed")
+        sys.stderr.write(f"exfilwatch-collector: error: {e.diagnostics()}\n")
+        return e.exit_code

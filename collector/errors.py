@@ -1,0 +1,79 @@
+"""Collector error hierarchy. Foreign exceptions are translated where they enter.
+
+CollectorError
+├── ConfigError             bad config or policy file (exit code 2)
+├── StoreError              the database failed
+├── NotFoundError           no such alert / agent / token
+├── EnrollmentError         token unknown, expired, used up; bad proof
+└── IngestError             a batch was refused (nothing stored)
+    ├── MalformedBatchError     cannot be parsed / fields invalid      -> INVALID_ARGUMENT
+    ├── UnknownAgentError       no enrolled agent for this identity    -> UNAUTHENTICATED
+    ├── SignatureError          signature does not verify              -> UNAUTHENTICATED
+    ├── IdentityMismatchError   batch agent id != TLS identity         -> PERMISSION_DENIED
+    ├── ReplayConflictError     used batch_seq with different bytes    -> ALREADY_EXISTS
+    ├── SequenceGapError        batch_seq skips ahead                  -> FAILED_PRECONDITION
+    └── ChainError              prev_batch_digest does not match       -> FAILED_PRECONDITION
+"""
+
+from __future__ import annotations
+
+
+class CollectorError(Exception):
+    """Base of every error the collector reports to a person or an agent."""
+
+    exit_code = 1
+    hint = ""
+
+    def diagnostics(self) -> str:
+        text = str(self)
+        return f"{text}\nTip: {self.hint}" if self.hint else text
+
+
+class ConfigError(CollectorError):
+    exit_code = 2
+
+
+class StoreError(CollectorError):
+    pass
+
+
+class NotFoundError(CollectorError):
+    pass
+
+
+class EnrollmentError(CollectorError):
+    pass
+
+
+class IngestError(CollectorError):
+    """A batch was refused. `security` marks refusals that raise a security alert."""
+
+    security = True
+
+
+class MalformedBatchError(IngestError):
+    pass
+
+
+class UnknownAgentError(IngestError):
+    pass
+
+
+class SignatureError(IngestError):
+    pass
+
+
+class IdentityMismatchError(IngestError):
+    pass
+
+
+class ReplayConflictError(IngestError):
+    pass
+
+
+class SequenceGapError(IngestError):
+    pass
+
+
+class ChainError(IngestError):
+    pass

@@ -1,0 +1,152 @@
+"""Domain values of the collector: verified events, agents, threshold decisions, alerts.
+
+Generated protobuf types never appear here: `collector.codec` converts at the edge.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import NewType
+
+AgentId = NewType("AgentId", str)
+EventId = NewType("EventId", str)
+AlertId = NewType("AlertId", int)
+
+GroupKey = tuple[tuple[str, str], ...]
+"""A rule's group, e.g. (("user", "alice"), ("host", "lt-0412")), in group_by order."""
+
+
+class Severity(StrEnum):
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+    CRITICAL = "critical"
+
+
+class AlertKind(StrEnum):
+    THRESHOLD = "threshold"
+    SECURITY = "security"
+
+
+class AlertStatus(StrEnum):
+    NEW = "new"
+    IN_PROGRESS = "in_progress"
+    RESOLVED = "resolved"
+    FALSE_POSITIVE = "false_positive"
+
+
+@dataclass(frozen=True)
+class ProcessView:
+    pid: int
+    start_time_ns: int
+    exe: bytes = b""
+    cmdline: tuple[bytes, ...] = ()
+    ppid_chain: tuple[int, ...] = ()
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    vendor: str = ""
+    model: str = ""
+    serial: str = ""
+    fs_uuid: str = ""
+    fs_type: str = ""
+    mount_point: bytes = b""
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """An event whose batch verified; what the store keeps and the rules see."""
+
+    event_id: EventId
+    agent_id: AgentId
+    batch_seq: int
+    seq: int
+    observed_at_ns: int
+    action: str
+    """One of the agent's actions: copy, move, read, write, delete, rename, coverage_gap, ..."""
+    host: str
+    user: str
+    """Login user name; empty when unknown."""
+    label: str = ""
+    label_source: str = ""
+    source_path: bytes = b""
+    source_size: int = 0
+    source_sha256: str = ""
+    dest_path: bytes = b""
+    dest_size: int = 0
+    dest_sha256: str = ""
+    destination_class: str = ""
+    """removable, network_share, cloud_sync, local; empty when the event has no destination."""
+    detection: str = ""
+    attribution: str = ""
+    process: ProcessView | None = None
+    device: DeviceView | None = None
+    gap_reason: str = ""
+    gap_count: int = 0
+
+    @property
+    def size(self) -> int:
+        """Bytes moved: the destination's size, else the source's."""
+        return self.dest_size or self.source_size
+
+    @property
+    def destination_key(self) -> str:
+        """The destination as a grouping key: the device when known, else the mount/folder."""
+        if not self.destination_class:
+            return ""
+        dev = self.device
+        ident = ""
+        if dev is not None:
+            ident = dev.serial or dev.fs_uuid or os.fsdecode(dev.mount_point)
+        return f"{self.destination_class}:{ident}"
+
+
+@dataclass(frozen=True)
+class VerifiedBatch:
+    """A batch whose signature, identity, sequence and chain were checked."""
+
+    agent_id: AgentId
+    batch_seq: int
+    digest: bytes
+    """SHA-256 of `body`."""
+    prev_digest: bytes
+    sealed_at_ns: int
+    body: bytes
+    signature: bytes
+    key_id: bytes
+    events: tuple[StoredEvent, ...]
+
+
+@dataclass(frozen=True)
+class AlertOpened:
+    """A rule's group crossed its threshold with no open alert: raise one."""
+
+    rule: str
+    group: GroupKey
+    severity: Severity
+    evidence: tuple[EventId, ...]
+    files: int
+    bytes: int
+    first_ns: int
+    last_ns: int
+    hot_until_ns: int
+    """The window stays hot (alert open for new evidence) until this event time."""
+    reason: str
+    """One line an administrator reads, e.g. "alice copied 25 confidential files ..."."""
+
+
+@dataclass(frozen=True)
+class EvidenceAdded:
+    """A matching event arrived while the group's alert is open: attach it."""
+
+    rule: str
+    group: GroupKey
+    event_id: EventId
+    hot_until_ns: int
+
+
+ThresholdDecision = AlertOpened | EvidenceAdded

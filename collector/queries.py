@@ -1,0 +1,381 @@
+"""SQL of the collector's store: row <-> value mapping, reads, and the writes of ingest.
+
+`collector.store.SqliteStore` owns connections and transactions and calls these functions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from base64 import b64decode
+from binascii import b2a_base64
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from collector.errors import StoreError
+from collector.models import (
+    AgentId,
+    AlertId,
+    AlertKind,
+    AlertOpened,
+    AlertStatus,
+    DeviceView,
+    EventId,
+    EvidenceAdded,
+    GroupKey,
+    ProcessView,
+    Severity,
+    StoredEvent,
+    VerifiedBatch,
+)
+from collector.records import AgentRecord, AlertRecord, StoredBatch
+
+logger = logging.getLogger(__name__)
+
+EVENT_COLUMNS = (
+    "event_id, agent_id, batch_seq, seq, observed_at_ns, action, host, user, label,"
+    " label_source, source_path, source_size, source_sha256, dest_path, dest_size,"
+    " dest_sha256, destination_class, detection, attribution, process_json, device_json,"
+    " gap_reason, gap_count"
+)
+ALERT_COLUMNS = (
+    "alert_id, kind, rule, group_json, severity, status, reason, created_at_ns,"
+    " updated_at_ns, files, bytes, first_ns, last_ns, hot_until_ns, agent_id, count, details"
+)
+AGENT_COLUMNS = (
+    "agent_id, public_key, key_id, hostname, agent_version, enrolled_at_ns, last_seen_ns,"
+    " revoked, cert_serial, policy_revision, spool_depth, coverage_gaps"
+)
+_EVIDENCE_IDS = (
+    "(SELECT json_group_array(event_id) FROM (SELECT ae.event_id FROM alert_events ae"
+    " JOIN events e USING (event_id) WHERE ae.alert_id = alerts.alert_id"
+    " ORDER BY e.observed_at_ns, e.event_id))"
+)
+_FETCH = 1000
+
+# SQL text is assembled only from the constant column lists above (hence ruff S608
+# is silenced); every value is a bound parameter.
+_E = ", ".join("e." + c.strip() for c in EVENT_COLUMNS.split(","))
+INSERT_EVENT = f"INSERT INTO events ({EVENT_COLUMNS}) VALUES ({', '.join('?' * 23)})"  # noqa: S608
+_AGENT = f"SELECT {AGENT_COLUMNS} FROM agents WHERE agent_id = ?"  # noqa: S608
+_AGENTS = f"SELECT {AGENT_COLUMNS} FROM agents ORDER BY agent_id"  # noqa: S608
+_LATEST_EVENTS = (
+    f"SELECT * FROM (SELECT {EVENT_COLUMNS}, rowid AS r FROM events"  # noqa: S608
+    " ORDER BY observed_at_ns DESC, r DESC LIMIT ?) ORDER BY observed_at_ns, r"
+)
+_EVENTS_SINCE = (
+    f"SELECT {EVENT_COLUMNS} FROM events WHERE observed_at_ns >= ?1"  # noqa: S608
+    " ORDER BY observed_at_ns, rowid LIMIT ?2"
+)
+_ALERT_EVENTS = (
+    f"SELECT {_E} FROM alert_events ae JOIN events e USING (event_id)"  # noqa: S608
+    " WHERE ae.alert_id = ? ORDER BY e.observed_at_ns, e.event_id"
+)
+_ALERTS = f"SELECT {ALERT_COLUMNS}, {_EVIDENCE_IDS} FROM alerts"  # noqa: S608
+_ALERT = f"{_ALERTS} WHERE alert_id = ?"
+_ALERTS_ALL = f"{_ALERTS} ORDER BY alert_id DESC LIMIT ?"
+_ALERTS_IN = f"{_ALERTS} WHERE status = ? ORDER BY alert_id DESC LIMIT ?"
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"))  # json.dumps(separators=...) builds one per call
+
+
+def _b64(data: bytes) -> str:
+    return b2a_base64(data, newline=False).decode("ascii")
+
+
+def _json(value: object) -> str:
+    return _ENCODER.encode(value)
+
+
+def process_json(p: ProcessView) -> str:
+    """JSON of a process; paths and arguments are base64 because they need not be UTF-8."""
+    return _json(
+        {
+            "pid": p.pid,
+            "start_time_ns": p.start_time_ns,
+            "exe": _b64(p.exe),
+            "cmdline": [_b64(arg) for arg in p.cmdline],
+            "ppid_chain": list(p.ppid_chain),
+            "name": p.name,
+        }
+    )
+
+
+def device_json(d: DeviceView) -> str:
+    return _json(
+        {
+            "vendor": d.vendor,
+            "model": d.model,
+            "serial": d.serial,
+            "fs_uuid": d.fs_uuid,
+            "fs_type": d.fs_type,
+            "mount_point": _b64(d.mount_point),
+        }
+    )
+
+
+def group_json(group: GroupKey) -> str:
+    """Canonical text of a group key, compared for equality in SQL."""
+    return _json([list(pair) for pair in group])
+
+
+def event_rows(events: Sequence[StoredEvent]) -> Iterator[tuple[object, ...]]:
+    """The events-table rows of events, in EVENT_COLUMNS order.
+
+    A process or device shared by several events (the codec shares equal ones within a
+    batch) is serialised once; `events` keeps them alive, so their ids stay unique.
+    """
+    texts: dict[int, str | None] = {id(None): None}
+    for ev in events:
+        p, d = ev.process, ev.device
+        p_json = texts.get(id(p))
+        if p_json is None and p is not None:
+            p_json = texts[id(p)] = process_json(p)
+        d_json = texts.get(id(d))
+        if d_json is None and d is not None:
+            d_json = texts[id(d)] = device_json(d)
+        yield (
+            ev.event_id, ev.agent_id, ev.batch_seq, ev.seq, ev.observed_at_ns, ev.action,
+            ev.host, ev.user, ev.label, ev.label_source, ev.source_path, ev.source_size,
+            ev.source_sha256, ev.dest_path, ev.dest_size, ev.dest_sha256,
+            ev.destination_class, ev.detection, ev.attribution, p_json, d_json,
+            ev.gap_reason, ev.gap_count,
+        )  # fmt: skip
+
+
+def event_from_row(row: Any) -> StoredEvent:
+    """Inverse of `event_row`."""
+    process = device = None
+    if row[19] is not None:
+        p = json.loads(row[19])
+        process = ProcessView(
+            pid=p["pid"],
+            start_time_ns=p["start_time_ns"],
+            exe=b64decode(p["exe"]),
+            cmdline=tuple(b64decode(arg) for arg in p["cmdline"]),
+            ppid_chain=tuple(p["ppid_chain"]),
+            name=p["name"],
+        )
+    if row[20] is not None:
+        d = json.loads(row[20])
+        device = DeviceView(
+            vendor=d["vendor"],
+            model=d["model"],
+            serial=d["serial"],
+            fs_uuid=d["fs_uuid"],
+            fs_type=d["fs_type"],
+            mount_point=b64decode(d["mount_point"]),
+        )
+    return StoredEvent(
+        event_id=EventId(row[0]), agent_id=AgentId(row[1]), batch_seq=row[2], seq=row[3],
+        observed_at_ns=row[4], action=row[5], host=row[6], user=row[7], label=row[8],
+        label_source=row[9], source_path=row[10], source_size=row[11], source_sha256=row[12],
+        dest_path=row[13], dest_size=row[14], dest_sha256=row[15], destination_class=row[16],
+        detection=row[17], attribution=row[18], process=process, device=device,
+        gap_reason=row[21], gap_count=row[22],
+    )  # fmt: skip
+
+
+def alert_from_row(row: Any) -> AlertRecord:
+    """An alerts row selected as ALERT_COLUMNS followed by the evidence id array."""
+    return AlertRecord(
+        alert_id=AlertId(row[0]), kind=AlertKind(row[1]), rule=row[2],
+        group=tuple((k, v) for k, v in json.loads(row[3])), severity=Severity(row[4]),
+        status=AlertStatus(row[5]), reason=row[6], created_at_ns=row[7], updated_at_ns=row[8],
+        files=row[9], bytes=row[10], first_ns=row[11], last_ns=row[12], hot_until_ns=row[13],
+        agent_id=row[14], count=row[15], details=row[16],
+        evidence=tuple(EventId(e) for e in json.loads(row[17])),
+    )  # fmt: skip
+
+
+def agent_from_row(row: Any) -> AgentRecord:
+    return AgentRecord(
+        agent_id=AgentId(row[0]), public_key_raw=row[1], key_id=row[2], hostname=row[3],
+        agent_version=row[4], enrolled_at_ns=row[5], last_seen_ns=row[6],
+        revoked=bool(row[7]), cert_serial=row[8], policy_revision=row[9],
+        spool_depth=row[10], coverage_gaps=row[11],
+    )  # fmt: skip
+
+
+def get_agent(con: sqlite3.Connection, agent_id: str) -> AgentRecord | None:
+    row = con.execute(_AGENT, (agent_id,)).fetchone()
+    return None if row is None else agent_from_row(row)
+
+
+def list_agents(con: sqlite3.Connection) -> list[AgentRecord]:
+    return [agent_from_row(row) for row in con.execute(_AGENTS)]
+
+
+def list_events(con: sqlite3.Connection, limit: int, since_ns: int | None) -> list[StoredEvent]:
+    """Up to `limit` events, oldest observation first: from `since_ns` on, else the latest."""
+    if since_ns is None:
+        rows = con.execute(_LATEST_EVENTS, (limit,)).fetchall()
+    else:
+        rows = con.execute(_EVENTS_SINCE, (since_ns, limit)).fetchall()
+    return [event_from_row(row) for row in rows]
+
+
+def events_since(con: sqlite3.Connection, since_ns: int) -> Iterator[StoredEvent]:
+    """Every event observed at or after `since_ns`, in observation order, streamed."""
+    cur = con.execute(_EVENTS_SINCE, (since_ns, -1))
+    while rows := cur.fetchmany(_FETCH):
+        yield from map(event_from_row, rows)
+
+
+def events_of_alert(con: sqlite3.Connection, alert_id: int) -> list[StoredEvent]:
+    return [event_from_row(row) for row in con.execute(_ALERT_EVENTS, (alert_id,))]
+
+
+def get_alert(con: sqlite3.Connection, alert_id: int) -> AlertRecord | None:
+    row = con.execute(_ALERT, (alert_id,)).fetchone()
+    return None if row is None else alert_from_row(row)
+
+
+def list_alerts(con: sqlite3.Connection, status: str | None, limit: int) -> list[AlertRecord]:
+    """Newest first, optionally only those in `status` (an AlertStatus value)."""
+    if status is None:
+        rows = con.execute(_ALERTS_ALL, (limit,))
+    else:
+        rows = con.execute(_ALERTS_IN, (str(status), limit))
+    return [alert_from_row(row) for row in rows]
+
+
+def open_threshold_alerts(con: sqlite3.Connection) -> list[tuple[str, GroupKey, int]]:
+    """(rule, group, hot_until_ns) of every threshold alert still open."""
+    sql = (
+        "SELECT rule, group_json, hot_until_ns FROM alerts WHERE kind = 'threshold'"
+        " AND status IN ('new', 'in_progress') ORDER BY alert_id"
+    )
+    return [
+        (rule, tuple((k, v) for k, v in json.loads(group)), hot)
+        for rule, group, hot in con.execute(sql)
+    ]
+
+
+def batches(con: sqlite3.Connection, agent_id: str) -> Iterator[StoredBatch]:
+    """Every stored batch of an agent, in batch_seq order, streamed."""
+    cur = con.execute(
+        "SELECT agent_id, batch_seq, digest, prev_digest, body, signature, key_id,"
+        " received_at_ns FROM batches WHERE agent_id = ? ORDER BY batch_seq",
+        (agent_id,),
+    )
+    while rows := cur.fetchmany(_FETCH):
+        for row in rows:
+            yield StoredBatch(AgentId(row[0]), *row[1:])
+
+
+# -- writes run inside SqliteStore's transactions -----------------------------------
+
+_FIND_ALERT = (  # the open alert of a group, else its latest, so no evidence is lost
+    "SELECT alert_id FROM alerts WHERE kind = ? AND rule = ? AND group_json = ?"
+    " ORDER BY status IN ('new', 'in_progress') DESC, alert_id DESC LIMIT 1"
+)
+_FIND_OPEN_ALERT = (
+    "SELECT alert_id FROM alerts WHERE kind = ? AND rule = ? AND group_json = ?"
+    " AND status IN ('new', 'in_progress') ORDER BY alert_id DESC LIMIT 1"
+)
+_INSERT_ALERT = (
+    "INSERT INTO alerts (kind, rule, group_json, severity, status, reason, created_at_ns,"
+    " updated_at_ns, files, bytes, first_ns, last_ns, hot_until_ns, agent_id)"
+    " VALUES (?, ?, ?, ?, 'new', ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_ATTACH = "INSERT OR IGNORE INTO alert_events (alert_id, event_id) VALUES (?, ?)"
+
+
+def insert_new_events(con: sqlite3.Connection, batch: VerifiedBatch) -> tuple[StoredEvent, ...]:
+    """Insert the batch's events whose ids are not stored yet; return those.
+
+    Ids already stored (an agent that re-sent events under a new batch_seq) are rare:
+    try the plain insert first and look for them only when it hits the unique key.
+    """
+    events = batch.events
+    con.execute("SAVEPOINT new_events")
+    try:
+        con.executemany(INSERT_EVENT, event_rows(events))
+    except sqlite3.IntegrityError:
+        con.execute("ROLLBACK TO new_events")
+        ids = json.dumps([ev.event_id for ev in events])
+        sql = "SELECT event_id FROM events WHERE event_id IN (SELECT value FROM json_each(?))"
+        seen = {row[0] for row in con.execute(sql, (ids,))}
+        logger.warning(
+            "agent %s batch %d: skipping %d events stored before",
+            batch.agent_id, batch.batch_seq, len(seen),
+        )  # fmt: skip
+        events = tuple(ev for ev in events if ev.event_id not in seen)
+        con.executemany(INSERT_EVENT, event_rows(events))
+    con.execute("RELEASE new_events")
+    return events
+
+
+def chain_head(con: sqlite3.Connection, agent_id: str) -> tuple[int, bytes] | None:
+    """(batch_seq, digest) of the agent's last stored batch."""
+    sql = "SELECT batch_seq, digest FROM batches WHERE agent_id = ? ORDER BY batch_seq DESC"
+    row = con.execute(sql + " LIMIT 1", (agent_id,)).fetchone()
+    return None if row is None else (row[0], row[1])
+
+
+def open_alert(con: sqlite3.Connection, d: AlertOpened, agent_id: str, now_ns: int) -> AlertId:
+    """Insert a threshold alert and its evidence links."""
+    cur = con.execute(
+        _INSERT_ALERT,
+        (AlertKind.THRESHOLD.value, d.rule, group_json(d.group), d.severity.value, d.reason,
+         now_ns, now_ns, d.files, d.bytes, d.first_ns, d.last_ns, d.hot_until_ns, agent_id),
+    )  # fmt: skip
+    alert_id = AlertId(cur.lastrowid or 0)
+    con.executemany(_ATTACH, [(alert_id, event_id) for event_id in d.evidence])
+    logger.info("alert %d opened: rule %s, %d files", alert_id, d.rule, d.files)
+    return alert_id
+
+
+def add_evidence(
+    con: sqlite3.Connection, d: EvidenceAdded, ev: StoredEvent | None, now_ns: int
+) -> None:
+    """Attach an event to its group's alert and grow the alert's totals once per event.
+
+    `ev` is the event when the caller has it at hand, else it is read back.
+    """
+    row = con.execute(_FIND_ALERT, (AlertKind.THRESHOLD.value, d.rule, group_json(d.group)))
+    found = row.fetchone()
+    if found is None:
+        logger.warning("evidence %s for rule %s has no alert; dropped", d.event_id, d.rule)
+        return
+    alert_id = found[0]
+    if ev is None:
+        sql = "SELECT observed_at_ns, CASE dest_size WHEN 0 THEN source_size ELSE dest_size END"
+        one = con.execute(sql + " FROM events WHERE event_id = ?", (d.event_id,)).fetchone()
+        if one is None:
+            raise StoreError(f"evidence event {d.event_id} is not stored")
+        observed_ns, size = one
+    else:
+        observed_ns, size = ev.observed_at_ns, ev.size
+    added = con.execute(_ATTACH, (alert_id, d.event_id)).rowcount
+    con.execute(
+        "UPDATE alerts SET files = files + ?, bytes = bytes + ?, first_ns = min(first_ns, ?),"
+        " last_ns = max(last_ns, ?), hot_until_ns = max(hot_until_ns, ?),"
+        " updated_at_ns = ? WHERE alert_id = ?",
+        (added, size * added, observed_ns, observed_ns, d.hot_until_ns, now_ns, alert_id),
+    )
+
+
+def security_alert(
+    con: sqlite3.Connection, agent_id: str, reason_kind: str, message: str, now_ns: int
+) -> AlertId:
+    """Count the refusal on the open alert of (agent, kind), or open one."""
+    group = group_json((("agent", agent_id),))
+    params = (AlertKind.SECURITY.value, reason_kind, group)
+    row = con.execute(_FIND_OPEN_ALERT, params).fetchone()
+    if row is not None:
+        con.execute(
+            "UPDATE alerts SET count = count + 1, reason = ?, updated_at_ns = ?, last_ns = ?"
+            " WHERE alert_id = ?",
+            (message, now_ns, now_ns, row[0]),
+        )
+        return AlertId(row[0])
+    cur = con.execute(
+        _INSERT_ALERT,
+        (*params, Severity.HIGH.value, message, now_ns, now_ns, 0, 0, now_ns, now_ns, 0, agent_id),
+    )
+    logger.warning("security alert %s for agent %s: %s", reason_kind, agent_id, message)
+    return AlertId(cur.lastrowid or 0)

@@ -1,0 +1,217 @@
+"""The gRPC edge: decode -> application service -> encode, and one map from errors to status codes.
+
+UploadBatch takes the raw request bytes (no generated deserializer), so a
+malformed request is our INVALID_ARGUMENT, never a framework INTERNAL, and the
+signature is checked over exactly the bytes that arrived.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NoReturn, Protocol, cast
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from collector import pki
+from collector.enroll import Enrollment, EnrollRequest
+from collector.errors import (
+    ChainError,
+    CollectorError,
+    EnrollmentError,
+    IdentityMismatchError,
+    MalformedBatchError,
+    ReplayConflictError,
+    SequenceGapError,
+    SignatureError,
+    UnknownAgentError,
+)
+from exfilwatch.v1 import collector_pb2
+
+logger = logging.getLogger(__name__)
+
+SERVICE = "exfilwatch.v1.Collector"
+
+# Most specific first: the first matching class decides.
+_STATUS: tuple[tuple[type[CollectorError], grpc.StatusCode], ...] = (
+    (MalformedBatchError, grpc.StatusCode.INVALID_ARGUMENT),
+    (UnknownAgentError, grpc.StatusCode.UNAUTHENTICATED),
+    (SignatureError, grpc.StatusCode.UNAUTHENTICATED),
+    (IdentityMismatchError, grpc.StatusCode.PERMISSION_DENIED),
+    (ReplayConflictError, grpc.StatusCode.ALREADY_EXISTS),
+    (SequenceGapError, grpc.StatusCode.FAILED_PRECONDITION),
+    (ChainError, grpc.StatusCode.FAILED_PRECONDITION),
+    (EnrollmentError, grpc.StatusCode.PERMISSION_DENIED),
+)
+
+
+def status_for(error: CollectorError) -> grpc.StatusCode:
+    for cls, code in _STATUS:
+        if isinstance(error, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+@dataclass(frozen=True)
+class Ack:
+    agent_id: str
+    batch_seq: int
+    batch_digest: bytes
+    duplicate: bool
+    events_stored: int
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    agent_id: str
+    sent_at_ns: int
+    agent_version: str
+    policy_revision: str
+    spool_depth: int
+    coverage_gaps: int
+
+
+@dataclass(frozen=True)
+class HeartbeatReply:
+    server_time_ns: int
+    last_batch_seq: int
+    last_batch_digest: bytes
+
+
+class Ingest(Protocol):
+    def upload(self, raw: bytes, tls_agent_id: str | None, now_ns: int) -> Ack: ...
+
+    def heartbeat(self, hb: Heartbeat, now_ns: int) -> HeartbeatReply: ...
+
+
+class Handlers:
+    """The servicer. Enroll is served on the enrolment port; the others need mutual TLS."""
+
+    def __init__(
+        self,
+        ingest: Ingest,
+        enrollment: Enrollment,
+        authority: pki.Authority,
+        clock_ns: Callable[[], int],
+        agent_port: Callable[[], int],
+    ) -> None:
+        self._ingest = ingest
+        self._enrollment = enrollment
+        self._authority = authority
+        self._clock_ns = clock_ns
+        self._agent_port = agent_port
+
+    def _abort(self, context: grpc.ServicerContext, error: CollectorError) -> NoReturn:
+        code = status_for(error)
+        if code is grpc.StatusCode.INTERNAL:
+            logger.error("internal error serving %s", context.peer(), exc_info=error)
+            context.abort(code, "internal error")
+        context.abort(code, str(error))
+        raise AssertionError("unreachable")  # context.abort raises
+
+    def _identity(self, context: grpc.ServicerContext) -> str | None:
+        """The agent id of a verified client certificate, or None."""
+        # grpc-stubs types the values as bytes; at run time they are lists of bytes.
+        pems = cast("list[bytes] | None", context.auth_context().get("x509_pem_cert"))
+        if not pems:
+            return None
+        now = dt.datetime.fromtimestamp(self._clock_ns() / 1e9, dt.UTC)
+        try:
+            agent_id, _serial = self._authority.client_identity(pems[0], now)
+        except EnrollmentError:
+            return None
+        return agent_id
+
+    def enroll(
+        self, request: collector_pb2.EnrollRequest, context: grpc.ServicerContext
+    ) -> collector_pb2.EnrollResponse:
+        req = EnrollRequest(
+            token_id=request.token_id,
+            token_secret=request.token_secret,
+            signing_public_key=request.signing_public_key,
+            csr_der=request.csr_der,
+            hostname=request.hostname,
+            agent_version=request.agent_version,
+            proof=request.proof,
+        )
+        try:
+            done = self._enrollment.enroll(req, self._clock_ns())
+        except CollectorError as e:
+            logger.warning("enrolment refused from %s: %s", context.peer(), e)
+            self._abort(context, e)
+        return collector_pb2.EnrollResponse(
+            agent_id=done.agent_id,
+            client_certificate_pem=done.client_cert_pem,
+            ca_certificate_pem=done.ca_pem,
+            agent_port=self._agent_port(),
+        )
+
+    def upload_batch(self, request: bytes, context: grpc.ServicerContext) -> collector_pb2.BatchAck:
+        try:
+            ack = self._ingest.upload(request, self._identity(context), self._clock_ns())
+        except CollectorError as e:
+            self._abort(context, e)
+        return collector_pb2.BatchAck(
+            agent_id=ack.agent_id,
+            batch_seq=ack.batch_seq,
+            batch_digest=ack.batch_digest,
+            duplicate=ack.duplicate,
+            events_stored=ack.events_stored,
+        )
+
+    def heartbeat(
+        self, request: bytes, context: grpc.ServicerContext
+    ) -> collector_pb2.HeartbeatResponse:
+        agent_id = self._identity(context)
+        if agent_id is None:
+            self._abort(
+                context, UnknownAgentError("heartbeat without an enrolled client certificate")
+            )
+        try:
+            msg = collector_pb2.HeartbeatRequest.FromString(request)
+        except DecodeError as e:
+            self._abort(context, MalformedBatchError(f"malformed heartbeat: {e}"))
+        if msg.agent_id and msg.agent_id != agent_id:
+            self._abort(
+                context, IdentityMismatchError("heartbeat agent id differs from TLS identity")
+            )
+        hb = Heartbeat(
+            agent_id=agent_id,
+            sent_at_ns=msg.sent_at_ns,
+            agent_version=msg.agent_version[:64],
+            policy_revision=msg.policy_revision[:128],
+            spool_depth=msg.spool_depth,
+            coverage_gaps=msg.coverage_gaps,
+        )
+        try:
+            reply = self._ingest.heartbeat(hb, self._clock_ns())
+        except CollectorError as e:
+            self._abort(context, e)
+        return collector_pb2.HeartbeatResponse(
+            server_time_ns=reply.server_time_ns,
+            last_batch_seq=reply.last_batch_seq,
+            last_batch_digest=reply.last_batch_digest,
+        )
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Enroll": grpc.unary_unary_rpc_method_handler(
+                    self.enroll,
+                    request_deserializer=collector_pb2.EnrollRequest.FromString,
+                    response_serializer=collector_pb2.EnrollResponse.SerializeToString,
+                ),
+                "UploadBatch": grpc.unary_unary_rpc_method_handler(
+                    self.upload_batch,
+                    response_serializer=collector_pb2.BatchAck.SerializeToString,
+                ),
+                "Heartbeat": grpc.unary_unary_rpc_method_handler(
+                    self.heartbeat,
+                    response_serializer=collector_pb2.HeartbeatResponse.SerializeToString,
+                ),
+            },
+        )

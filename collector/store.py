@@ -1,0 +1,460 @@
+"""Persistence of the collector: verify -> **store** -> thresholds/alerts, on SQLite.
+
+Schema at the top; writes are serialised on one connection, reads use one per thread.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal, assert_never
+
+from collector import queries
+from collector.errors import EnrollmentError, NotFoundError, ReplayConflictError, StoreError
+from collector.models import (
+    AlertId,
+    AlertOpened,
+    EvidenceAdded,
+    GroupKey,
+    StoredEvent,
+    ThresholdDecision,
+    VerifiedBatch,
+)
+from collector.records import AgentRecord, AlertRecord, StoredBatch, StoreResult
+from collector.verify import AgentKey, ChainHead, classify_seq
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "AgentRecord",
+    "AlertRecord",
+    "SqliteStore",
+    "StoreResult",
+    "StoredBatch",
+]
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS agents (
+    agent_id TEXT PRIMARY KEY, public_key BLOB NOT NULL, key_id BLOB NOT NULL UNIQUE,
+    hostname TEXT NOT NULL, agent_version TEXT NOT NULL, enrolled_at_ns INTEGER NOT NULL,
+    last_seen_ns INTEGER NOT NULL DEFAULT 0, revoked INTEGER NOT NULL DEFAULT 0,
+    cert_serial TEXT NOT NULL DEFAULT '', policy_revision TEXT NOT NULL DEFAULT '',
+    spool_depth INTEGER NOT NULL DEFAULT 0, coverage_gaps INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS tokens (
+    token_id TEXT PRIMARY KEY, secret_hash BLOB NOT NULL, created_at_ns INTEGER NOT NULL,
+    expires_at_ns INTEGER NOT NULL, uses_left INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS batches (
+    agent_id TEXT NOT NULL REFERENCES agents (agent_id), batch_seq INTEGER NOT NULL,
+    digest BLOB NOT NULL, prev_digest BLOB NOT NULL, body BLOB NOT NULL,
+    signature BLOB NOT NULL, key_id BLOB NOT NULL, received_at_ns INTEGER NOT NULL,
+    PRIMARY KEY (agent_id, batch_seq));
+CREATE TABLE IF NOT EXISTS events (
+    event_id TEXT PRIMARY KEY, agent_id TEXT NOT NULL, batch_seq INTEGER NOT NULL,
+    seq INTEGER NOT NULL, observed_at_ns INTEGER NOT NULL, action TEXT NOT NULL,
+    host TEXT NOT NULL, user TEXT NOT NULL, label TEXT NOT NULL, label_source TEXT NOT NULL,
+    source_path BLOB NOT NULL, source_size INTEGER NOT NULL, source_sha256 TEXT NOT NULL,
+    dest_path BLOB NOT NULL, dest_size INTEGER NOT NULL, dest_sha256 TEXT NOT NULL,
+    destination_class TEXT NOT NULL, detection TEXT NOT NULL, attribution TEXT NOT NULL,
+    process_json TEXT, device_json TEXT, gap_reason TEXT NOT NULL, gap_count INTEGER NOT NULL,
+    FOREIGN KEY (agent_id, batch_seq) REFERENCES batches (agent_id, batch_seq));
+CREATE INDEX IF NOT EXISTS events_time ON events (observed_at_ns);
+CREATE INDEX IF NOT EXISTS events_user_time ON events (user, observed_at_ns);
+CREATE TABLE IF NOT EXISTS alerts (
+    alert_id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('threshold', 'security')),
+    rule TEXT NOT NULL, group_json TEXT NOT NULL, severity TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('new', 'in_progress', 'resolved', 'false_positive')),
+    reason TEXT NOT NULL, created_at_ns INTEGER NOT NULL, updated_at_ns INTEGER NOT NULL,
+    files INTEGER NOT NULL, bytes INTEGER NOT NULL, first_ns INTEGER NOT NULL,
+    last_ns INTEGER NOT NULL, hot_until_ns INTEGER NOT NULL, agent_id TEXT NOT NULL,
+    count INTEGER NOT NULL DEFAULT 1, details TEXT NOT NULL DEFAULT '');
+CREATE INDEX IF NOT EXISTS alerts_group ON alerts (kind, rule, group_json, status);
+CREATE INDEX IF NOT EXISTS alerts_status ON alerts (status, alert_id);
+CREATE TABLE IF NOT EXISTS alert_events (
+    alert_id INTEGER NOT NULL REFERENCES alerts (alert_id),
+    event_id TEXT NOT NULL REFERENCES events (event_id),
+    PRIMARY KEY (alert_id, event_id)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS alert_events_event ON alert_events (event_id);
+"""
+
+_TOUCH = (  # a None leaves the column as it is
+    "UPDATE agents SET last_seen_ns = max(last_seen_ns, ?),"
+    " agent_version = coalesce(?, agent_version), policy_revision = coalesce(?, policy_revision),"
+    " spool_depth = coalesce(?, spool_depth), coverage_gaps = coalesce(?, coverage_gaps),"
+    " cert_serial = coalesce(?, cert_serial) WHERE agent_id = ?"
+)
+
+_BACKSTOP_PAGES = 16384  # 64 MiB of WAL
+
+Decide = Callable[[StoredEvent], list[ThresholdDecision]]
+
+
+class SqliteStore:
+    """The collector's database (SQLite, WAL, foreign keys on); safe to share between threads.
+
+    Durability: WAL with synchronous=NORMAL (the default) keeps every commit through a
+    crash or kill of the collector process, and the database is never corrupted; but
+    an OS crash or power loss can lose the commits made since the WAL was last synced
+    (at each checkpoint), i.e. batches already acknowledged, which the agent has
+    dropped from its spool. synchronous="FULL" syncs the WAL on every commit (one
+    fsync per batch of events) and makes every acknowledgement survive power loss.
+    """
+
+    def __init__(
+        self, path: str | Path, *, synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+    ) -> None:
+        self._path = str(path)
+        self._synchronous = synchronous
+        self._lock = threading.Lock()
+        """Serialises write transactions; held while `decide` runs."""
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._closed = False
+        self._checkpoint_wanted = threading.Event()
+        self._checkpointer: threading.Thread | None = None
+        self._writer = self._connect()
+        try:
+            self._create_schema()
+        except BaseException:
+            self._writer.close()
+            raise
+
+    def _create_schema(self) -> None:
+        with self._write() as con:
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    con.execute(statement)
+            version = con.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+            if version is None:
+                con.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self._path}: schema version {version} is newer than this collector"
+                    f" ({SCHEMA_VERSION}); upgrade exfilwatch"
+                )
+
+    @classmethod
+    def open(
+        cls, path: str | Path, *, synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+    ) -> SqliteStore:
+        """Open (creating if needed) the database at `path`."""
+        return cls(path, synchronous=synchronous)
+
+    def __enter__(self) -> SqliteStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the checkpointer and close every connection; the store is unusable afterwards."""
+        with self._lock:
+            self._closed = True
+        self._checkpoint_wanted.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join()
+        with self._lock:
+            for con in [self._writer, *self._readers]:
+                con.close()
+            self._readers.clear()
+
+    # -- connections ---------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE below).
+            con = sqlite3.connect(
+                self._path, timeout=10.0, isolation_level=None, check_same_thread=False
+            )
+            con.execute("PRAGMA journal_mode = WAL")
+            con.execute(f"PRAGMA synchronous = {self._synchronous}")
+            con.execute("PRAGMA foreign_keys = ON")
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open database {self._path}: {e}") from e
+        return con
+
+    def _reader(self) -> sqlite3.Connection:
+        con: sqlite3.Connection | None = getattr(self._local, "con", None)
+        if con is None:
+            with self._lock:
+                if self._closed:
+                    raise StoreError("the store is closed")
+                con = self._connect()
+                self._readers.append(con)
+            self._local.con = con
+        elif self._closed:
+            raise StoreError("the store is closed")
+        return con
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""
+        with self._lock:
+            if self._closed:
+                raise StoreError("the store is closed")
+            con = self._writer
+            try:
+                con.execute("BEGIN IMMEDIATE")
+                yield con
+                con.execute("COMMIT")
+            except BaseException as e:
+                if con.in_transaction:
+                    con.rollback()
+                if isinstance(e, sqlite3.Error):
+                    raise StoreError(f"database error: {e}") from e
+                raise
+
+    def _checkpoint_soon(self) -> None:
+        """Have the checkpointer copy the WAL into the database, off the ingest path.
+
+        SQLite's automatic checkpoint runs inside the committing transaction and, with
+        its fsyncs, costs ingest about as much as the inserts. A daemon thread is safe
+        here: a checkpoint cut short by exit loses nothing, the WAL stays authoritative.
+        """
+        if self._checkpointer is None:
+            with self._lock:
+                if self._closed or self._checkpointer is not None:
+                    return
+                con = self._connect()
+                # Backstop only: the writer checkpoints itself if this thread falls behind.
+                self._writer.execute(f"PRAGMA wal_autocheckpoint = {_BACKSTOP_PAGES}")
+                self._checkpointer = threading.Thread(
+                    target=self._checkpoint_loop, args=(con,), name="sqlite-checkpoint", daemon=True
+                )
+                self._checkpointer.start()
+        self._checkpoint_wanted.set()
+
+    def _checkpoint_loop(self, con: sqlite3.Connection) -> None:
+        try:
+            while True:
+                self._checkpoint_wanted.wait()
+                self._checkpoint_wanted.clear()
+                if self._closed:
+                    return
+                try:
+                    con.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error as e:
+                    logger.warning("WAL checkpoint failed: %s", e)
+        finally:
+            con.close()
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        con = self._reader()
+        try:
+            yield con
+        except sqlite3.Error as e:
+            raise StoreError(f"database error: {e}") from e
+
+    # -- agents and tokens ---------------------------------------------------------
+
+    def add_agent(
+        self,
+        *,
+        agent_id: str,
+        public_key: bytes,
+        key_id: bytes,
+        hostname: str,
+        agent_version: str,
+        enrolled_at_ns: int,
+        cert_serial: str = "",
+    ) -> None:
+        """Enrol an agent; EnrollmentError if the id or key is already enrolled."""
+        with self._write() as con:
+            try:
+                con.execute(
+                    "INSERT INTO agents (agent_id, public_key, key_id, hostname, agent_version,"
+                    " enrolled_at_ns, cert_serial) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (agent_id, public_key, key_id, hostname, agent_version,
+                     enrolled_at_ns, cert_serial),
+                )  # fmt: skip
+            except sqlite3.IntegrityError as e:
+                raise EnrollmentError(f"agent {agent_id!r} or its key is already enrolled") from e
+
+    def get_agent(self, agent_id: str) -> AgentRecord | None:
+        with self._read() as con:
+            return queries.get_agent(con, agent_id)
+
+    def get_agent_key(self, agent_id: str) -> AgentKey | None:
+        """The key enrolled for `agent_id`, as `verify_batch` wants it."""
+        agent = self.get_agent(agent_id)
+        if agent is None:
+            return None
+        return AgentKey(agent.agent_id, agent.public_key_raw, agent.key_id, agent.revoked)
+
+    def list_agents(self) -> list[AgentRecord]:
+        with self._read() as con:
+            return queries.list_agents(con)
+
+    def touch_agent(
+        self,
+        agent_id: str,
+        now_ns: int,
+        *,
+        agent_version: str | None = None,
+        policy_revision: str | None = None,
+        spool_depth: int | None = None,
+        coverage_gaps: int | None = None,
+        cert_serial: str | None = None,
+    ) -> None:
+        """Record a heartbeat (or any sign of life) and the fields it reported."""
+        params = (now_ns, agent_version, policy_revision, spool_depth, coverage_gaps, cert_serial)
+        with self._write() as con:
+            if con.execute(_TOUCH, (*params, agent_id)).rowcount == 0:
+                raise NotFoundError(f"no agent {agent_id!r}")
+
+    def revoke_agent(self, agent_id: str) -> None:
+        """Refuse every later batch of the agent (verify sees `revoked`)."""
+        with self._write() as con:
+            sql = "UPDATE agents SET revoked = 1 WHERE agent_id = ?"
+            if con.execute(sql, (agent_id,)).rowcount == 0:
+                raise NotFoundError(f"no agent {agent_id!r}")
+
+    def add_token(
+        self, token_id: str, secret_hash: bytes, created_at_ns: int, expires_at_ns: int, uses: int
+    ) -> None:
+        with self._write() as con:
+            con.execute(
+                "INSERT INTO tokens (token_id, secret_hash, created_at_ns, expires_at_ns,"
+                " uses_left) VALUES (?, ?, ?, ?, ?)",
+                (token_id, secret_hash, created_at_ns, expires_at_ns, uses),
+            )
+
+    def consume_token(self, token_id: str, secret_hash: bytes, now_ns: int) -> bool:
+        """Use up one use of a token if it exists, matches, has not expired and has uses left."""
+        with self._write() as con:
+            row = con.execute(
+                "SELECT secret_hash, expires_at_ns, uses_left FROM tokens WHERE token_id = ?",
+                (token_id,),
+            ).fetchone()
+            if row is None:
+                return False
+            stored, expires_at_ns, uses_left = row
+            if not hmac.compare_digest(stored, secret_hash):
+                return False
+            if now_ns >= expires_at_ns or uses_left <= 0:
+                return False
+            sql = "UPDATE tokens SET uses_left = uses_left - 1 WHERE token_id = ?"
+            con.execute(sql, (token_id,))
+            return True
+
+    # -- ingest --------------------------------------------------------------------
+
+    def chain_head(self, agent_id: str) -> ChainHead | None:
+        with self._read() as con:
+            return _head(con, agent_id)
+
+    def store_batch(self, batch: VerifiedBatch, decide: Decide, now_ns: int) -> StoreResult:
+        """Store a verified batch, its new events and the alerts they cause, atomically.
+
+        A byte-identical replay returns duplicate=True and stores nothing; the same
+        batch_seq with other bytes raises ReplayConflictError. `decide` runs under the
+        store's write lock for each newly stored event (ids seen in an earlier batch are
+        skipped); if it raises, nothing of the batch is stored.
+        """
+        key = (batch.agent_id, batch.batch_seq)
+        with self._write() as con:
+            sql = "SELECT digest FROM batches WHERE agent_id = ? AND batch_seq = ?"
+            row = con.execute(sql, key).fetchone()
+            if row is not None:
+                if hmac.compare_digest(row[0], batch.digest):
+                    return StoreResult(duplicate=True, events_stored=0)
+                raise ReplayConflictError(
+                    f"agent {batch.agent_id!r} resent batch {batch.batch_seq} with other bytes"
+                )
+            head = _head(con, batch.agent_id)
+            if classify_seq(batch.batch_seq, batch.prev_digest, head) == "replay":
+                # Not stored, yet behind the head: the chain has a hole. Refuse, never fill it.
+                raise ReplayConflictError(
+                    f"agent {batch.agent_id!r} batch {batch.batch_seq} is behind its chain head"
+                )
+            con.execute(
+                "INSERT INTO batches (agent_id, batch_seq, digest, prev_digest, body, signature,"
+                " key_id, received_at_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (*key, batch.digest, batch.prev_digest, batch.body, batch.signature,
+                 batch.key_id, now_ns),
+            )  # fmt: skip
+            events = queries.insert_new_events(con, batch)
+            sql = "UPDATE agents SET last_seen_ns = max(last_seen_ns, ?) WHERE agent_id = ?"
+            con.execute(sql, (now_ns, batch.agent_id))
+            opened: list[AlertId] = []
+            by_id = {ev.event_id: ev for ev in events}
+            for ev in events:
+                for decision in decide(ev):
+                    if isinstance(decision, AlertOpened):
+                        opened.append(queries.open_alert(con, decision, batch.agent_id, now_ns))
+                    elif isinstance(decision, EvidenceAdded):
+                        evidence = by_id.get(decision.event_id)
+                        queries.add_evidence(con, decision, evidence, now_ns)
+                    else:
+                        assert_never(decision)
+        self._checkpoint_soon()
+        return StoreResult(duplicate=False, events_stored=len(events), alerts_opened=opened)
+
+    def record_security_alert(
+        self, agent_id: str, reason_kind: str, message: str, now_ns: int
+    ) -> AlertId:
+        """Raise the security alert for (agent, refusal kind), or count it again while open."""
+        with self._write() as con:
+            return queries.security_alert(con, agent_id, reason_kind, message, now_ns)
+
+    # -- queries -------------------------------------------------------------------
+
+    def list_events(self, limit: int = 100, since_ns: int | None = None) -> list[StoredEvent]:
+        """Up to `limit` events, oldest first: from `since_ns` on, else the most recent."""
+        with self._read() as con:
+            return queries.list_events(con, limit, since_ns)
+
+    def events_since(self, since_ns: int) -> Iterator[StoredEvent]:
+        """Events observed at or after `since_ns` in observation order (window rebuild)."""
+        with self._read() as con:
+            yield from queries.events_since(con, since_ns)
+
+    def event_ids(self) -> set[str]:
+        with self._read() as con:
+            return {row[0] for row in con.execute("SELECT event_id FROM events")}
+
+    def count_events(self) -> int:
+        with self._read() as con:
+            count: int = con.execute("SELECT count(*) FROM events").fetchone()[0]
+            return count
+
+    def list_alerts(self, status: str | None = None, limit: int = 100) -> list[AlertRecord]:
+        """Newest first; `status` (an AlertStatus value) filters."""
+        with self._read() as con:
+            return queries.list_alerts(con, status, limit)
+
+    def get_alert(self, alert_id: int) -> tuple[AlertRecord, list[StoredEvent]]:
+        """An alert and its evidence events (oldest first); NotFoundError if none."""
+        with self._read() as con:
+            con.execute("BEGIN")  # one snapshot for both reads
+            try:
+                alert = queries.get_alert(con, alert_id)
+                events = queries.events_of_alert(con, alert_id)
+            finally:
+                con.execute("COMMIT")
+        if alert is None:
+            raise NotFoundError(f"no alert {alert_id}")
+        return alert, events
+
+    def open_threshold_alerts(self) -> list[tuple[str, GroupKey, int]]:
+        with self._read() as con:
+            return queries.open_threshold_alerts(con)
+
+    def batch_bodies(self, agent_id: str) -> Iterator[StoredBatch]:
+        """Every batch of an agent as received (body, signature, key id), in order."""
+        with self._read() as con:
+            yield from queries.batches(con, agent_id)
+
+
+def _head(con: sqlite3.Connection, agent_id: str) -> ChainHead | None:
+    head = queries.chain_head(con, agent_id)
+    return None if head is None else ChainHead(*head)

@@ -1,0 +1,400 @@
+"""Threshold engine, between store and alerts: sliding event-time windows per rule and group.
+
+Sans-I/O: fed stored events with `now` passed in, it returns AlertOpened / EvidenceAdded decisions.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Final, assert_never
+
+from collector.models import (
+    AlertOpened,
+    EventId,
+    EvidenceAdded,
+    GroupKey,
+    StoredEvent,
+    ThresholdDecision,
+)
+from collector.policy import Dimension, Policy, Rule
+
+logger = logging.getLogger(__name__)
+
+_VERBS: Final = MappingProxyType(
+    {"copy": "copied", "move": "moved", "write": "wrote", "delete": "deleted", "rename": "renamed"}
+)
+
+
+def group_key(rule: Rule, event: StoredEvent) -> GroupKey:
+    """The event's group under `rule`, e.g. (("user", "alice"), ("host", "lt-0412"))."""
+    return tuple((dim.value, _dimension_value(dim, event)) for dim in rule.group_by)
+
+
+def _dimension_value(dim: Dimension, event: StoredEvent) -> str:
+    match dim:
+        case Dimension.USER:
+            return event.user
+        case Dimension.HOST:
+            return event.host
+        case Dimension.DESTINATION:
+            return event.destination_key
+        case _:
+            assert_never(dim)
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """What the engine keeps of one matching event."""
+
+    t: int
+    event_id: EventId
+    size: int
+    rank: int
+    action: str
+    destination: str
+
+
+@dataclass(slots=True)
+class _Episode:
+    """One hot stretch of a group: every window ending in [first_hot_ns, hot_until_ns) crosses.
+
+    Its events (evidence) are those in (first_hot_ns - window, hot_until_ns). A crossing window
+    ending exactly at hot_until_ns continues the stretch: there is no instant it was cool."""
+
+    first_hot_ns: int
+    hot_until_ns: int
+    fresh: bool = False
+    """Opened by the feed in progress: its AlertOpened is still to be emitted."""
+
+
+@dataclass(slots=True)
+class _Group:
+    """State of one (rule, group): the newest matching events, sorted, and recent episodes."""
+
+    entries: list[_Entry] = field(default_factory=list)
+    times: list[int] = field(default_factory=list)
+    prefix: list[int] = field(default_factory=lambda: [0])
+    """prefix[i] - prefix[j] is the byte sum of entries[j:i]."""
+    ids: set[EventId] = field(default_factory=set)
+    episodes: list[_Episode] = field(default_factory=list)
+    """Sorted by first_hot_ns; their [first_hot_ns, hot_until_ns) never overlap."""
+    last_fed_ns: int | None = None
+
+    def insert(self, entry: _Entry) -> None:
+        i = len(self.entries)
+        if i and (self.times[-1], self.entries[-1].event_id) > (entry.t, entry.event_id):
+            i = bisect.bisect(self.entries, (entry.t, entry.event_id), key=_order)
+        self.entries.insert(i, entry)
+        self.times.insert(i, entry.t)
+        self.prefix.insert(i + 1, self.prefix[i] + entry.size)
+        for j in range(i + 2, len(self.prefix)):
+            self.prefix[j] += entry.size
+        self.ids.add(entry.event_id)
+
+    def drop_before(self, index: int) -> None:
+        if index > 0:
+            self.ids.difference_update(e.event_id for e in self.entries[:index])
+            del self.entries[:index], self.times[:index], self.prefix[:index]
+
+    def bounds(self, end_ns: int, window_ns: int) -> tuple[int, int]:
+        """Index range of the window (end_ns - window_ns, end_ns]."""
+        times = self.times
+        return bisect.bisect_right(times, end_ns - window_ns), bisect.bisect_right(times, end_ns)
+
+    def hot_until(self, end_ns: int, rule: Rule) -> int | None:
+        """If the window ending at end_ns crosses: when, absent new events, it stops crossing."""
+        start, end = self.bounds(end_ns, rule.window_ns)
+        files, size = rule.threshold.files, rule.threshold.bytes
+        until: int | None = None
+        if files is not None and end - start >= files:
+            until = self.times[end - files] + rule.window_ns
+        if size is not None and self.prefix[end] - self.prefix[start] >= size:
+            k = bisect.bisect_right(self.prefix, self.prefix[end] - size) - 1
+            by_bytes = self.times[k] + rule.window_ns
+            until = by_bytes if until is None else max(until, by_bytes)
+        return until
+
+    def ends(self, from_ns: int, before_ns: int) -> Iterator[int]:
+        """Distinct retained event times in [from_ns, before_ns), ascending."""
+        times = self.times
+        for i in range(bisect.bisect_left(times, from_ns), bisect.bisect_left(times, before_ns)):
+            if i + 1 == len(times) or times[i + 1] != times[i]:
+                yield times[i]
+
+    def covering(self, t: int, window_ns: int) -> _Episode | None:
+        for ep in reversed(self.episodes):
+            if ep.first_hot_ns - window_ns < t < ep.hot_until_ns:
+                return ep
+        return None
+
+    def fold(self, index: int) -> None:
+        """Merge the episodes after `index` that its (extended) stretch now reaches or touches."""
+        ep, eps = self.episodes[index], self.episodes
+        while index + 1 < len(eps) and eps[index + 1].first_hot_ns <= ep.hot_until_ns:
+            nxt = eps.pop(index + 1)
+            ep.hot_until_ns = max(ep.hot_until_ns, nxt.hot_until_ns)
+            ep.fresh = ep.fresh and nxt.fresh  # an alert already open keeps the stretch
+
+
+def _order(entry: _Entry) -> tuple[int, EventId]:
+    return entry.t, entry.event_id
+
+
+class ThresholdEngine:
+    """Applies a policy's rules to matching events; one instance per collector process.
+
+    An event matches a rule when its action is one of the rule's actions, its label ranks at
+    or above min_label (unlabelled or unlisted: never) and its destination class is listed.
+    Windows are half-open on event time, (t - window, t]; a window crosses when its files
+    or bytes reach the threshold. A group's first crossing opens an alert (AlertOpened, with
+    every in-window event as evidence). A later event before the episode's hot_until (or at
+    it, when its window still crosses: there was no instant the group was cool) is
+    EvidenceAdded and moves hot_until on; after that, a new crossing opens a new alert.
+
+    Memory: per (rule, group) only the newest events that can still decide are retained:
+    the newest `files` events, or the shortest newest run whose bytes reach `bytes` if that
+    is shorter, and nothing a window older than the newest event (or than `now`, if that is
+    earlier). That is exactly what windows ending at or after the newest event need.
+
+    Late events: an out-of-order event is inserted in time order and every window ending at
+    a retained event at or after it is re-evaluated. Windows ending *before* the newest
+    event, though, may miss events already dropped, so a late event is judged on fewer
+    events than in-order delivery would have seen: it can miss a crossing, or see one hot
+    stretch as two (never counting an event outside its window). The most exposed case is
+    a group fed by several hosts (group_by without host) when one host uploads a backlog
+    more than a window old; a backlog from one host alone is in order for its own groups.
+    Duplicate event ids are recognised while the event is retained; the store's unique
+    event id is the guard beyond that.
+    """
+
+    def __init__(self, policy: Policy) -> None:
+        self._policy = policy
+        self._rules = MappingProxyType({rule.name: rule for rule in policy.rules})
+        self._min_rank = MappingProxyType(
+            {rule.name: policy.label_rank(rule.match.min_label) for rule in policy.rules}
+        )
+        self._groups: dict[tuple[str, GroupKey], _Group] = {}
+
+    def feed(self, event: StoredEvent, now_ns: int) -> list[ThresholdDecision]:
+        """Account one stored event under every rule it matches; return the decisions."""
+        rank = self._policy.label_rank(event.label)
+        if rank is None:
+            return []
+        decisions: list[ThresholdDecision] = []
+        for rule in self._policy.rules:
+            min_rank = self._min_rank[rule.name]
+            if (
+                min_rank is None
+                or rank < min_rank
+                or event.action not in rule.match.actions
+                or event.destination_class not in rule.match.destinations
+            ):
+                continue
+            key = group_key(rule, event)
+            group = self._groups.setdefault((rule.name, key), _Group())
+            if event.event_id in group.ids:
+                continue
+            entry = _Entry(
+                event.observed_at_ns,
+                event.event_id,
+                event.size,
+                rank,
+                event.action,
+                event.destination_class,
+            )
+            group.insert(entry)
+            if group.last_fed_ns is None or group.last_fed_ns < now_ns:
+                group.last_fed_ns = now_ns
+            decisions.extend(self._evaluate(rule, key, group, entry))
+            self._prune(rule, group, now_ns)
+        return decisions
+
+    def expire(self, now_ns: int) -> None:
+        """In groups not fed during the last window before `now`, drop what is a window old.
+
+        A group fed within that window keeps its state even if its events are old, so a
+        backlog uploaded over several batches is still counted together."""
+        for gk, group in list(self._groups.items()):
+            horizon = now_ns - self._rules[gk[0]].window_ns
+            if group.last_fed_ns is not None and group.last_fed_ns > horizon:
+                continue
+            group.drop_before(bisect.bisect_right(group.times, horizon))
+            group.episodes = [ep for ep in group.episodes if ep.hot_until_ns > horizon]
+            if not group.entries and not group.episodes:
+                del self._groups[gk]
+
+    def restore(
+        self,
+        open_alerts: Iterable[tuple[str, GroupKey, int]],
+        events: Iterable[StoredEvent],
+    ) -> None:
+        """Rebuild state after a restart, replacing any current state.
+
+        `events`: the stored events of the last policy.max_window_ns, in time order; they are
+        replayed silently. `open_alerts`: (rule, group, hot_until_ns) of the open alerts; each
+        keeps its group's episode hot at least that long, so later events attach to it."""
+        self._groups.clear()
+        for event in events:
+            self.feed(event, event.observed_at_ns)
+        for name, key, hot_until in open_alerts:
+            rule = self._rules.get(name)
+            if rule is None:
+                logger.info("open alert of rule %s, no longer in the policy, not restored", name)
+                continue
+            key = tuple((str(dim), str(value)) for dim, value in key)
+            group = self._groups.setdefault((name, key), _Group())
+            eps = group.episodes
+            index = bisect.bisect_left(eps, hot_until, key=lambda ep: ep.first_hot_ns) - 1
+            if index < 0:  # its crossing is older than the replayed events
+                eps.insert(0, _Episode(hot_until - rule.window_ns, hot_until))
+                index = 0
+            eps[index].hot_until_ns = max(eps[index].hot_until_ns, hot_until)
+            group.fold(index)
+
+    def state_size(self) -> int:
+        """Retained events plus episode records, over all rules and groups."""
+        return sum(len(g.entries) + len(g.episodes) for g in self._groups.values())
+
+    def _evaluate(
+        self, rule: Rule, key: GroupKey, group: _Group, entry: _Entry
+    ) -> list[ThresholdDecision]:
+        """Re-evaluate the windows `entry` joined; decide for it and any event it made hot."""
+        window = rule.window_ns
+        old_spans = [(ep.first_hot_ns - window, ep.hot_until_ns) for ep in group.episodes]
+        for end_ns in group.ends(entry.t, entry.t + window):
+            until = group.hot_until(end_ns, rule)
+            if until is None:
+                continue
+            eps = group.episodes
+            index = bisect.bisect_right(eps, end_ns, key=lambda ep: ep.first_hot_ns)
+            if index and end_ns <= eps[index - 1].hot_until_ns:
+                index -= 1  # inside a known stretch
+            elif index < len(eps) and until >= eps[index].first_hot_ns:
+                eps[index].first_hot_ns = end_ns  # a late event made the stretch start earlier
+            else:
+                eps.insert(index, _Episode(end_ns, until, fresh=True))
+            eps[index].hot_until_ns = max(eps[index].hot_until_ns, until)
+            group.fold(index)
+
+        decisions: list[tuple[int, ThresholdDecision]] = []
+        opened: set[EventId] = set()
+        for ep in group.episodes:
+            if ep.fresh:
+                ep.fresh = False
+                alert = self._opened(rule, key, group, ep)
+                opened.update(alert.evidence)
+                decisions.append((ep.first_hot_ns, alert))
+        new_spans = [(ep.first_hot_ns - window, ep.hot_until_ns) for ep in group.episodes]
+        candidates = {entry.event_id: entry}
+        candidates.update((e.event_id, e) for e in _newly_covered(group, old_spans, new_spans))
+        for e in sorted(candidates.values(), key=_order):
+            cover = group.covering(e.t, window)
+            if cover is not None and e.event_id not in opened:
+                until = cover.hot_until_ns
+                decisions.append((e.t, EvidenceAdded(rule.name, key, e.event_id, until)))
+        decisions.sort(key=lambda item: item[0])
+        return [decision for _, decision in decisions]
+
+    def _prune(self, rule: Rule, group: _Group, now_ns: int) -> None:
+        """Keep only the newest events any window ending at or after the newest one needs."""
+        horizon = min(group.times[-1], now_ns) - rule.window_ns
+        n = len(group.entries)
+        keep_from = bisect.bisect_right(group.times, horizon)
+        files, size = rule.threshold.files, rule.threshold.bytes
+        budget = 0  # start of the shortest newest run that alone meets a criterion
+        if files is not None:
+            budget = max(budget, n - files)
+        if size is not None and group.prefix[n] - group.prefix[0] >= size:
+            budget = max(budget, bisect.bisect_right(group.prefix, group.prefix[n] - size) - 1)
+        group.drop_before(max(keep_from, budget))
+        group.episodes = [ep for ep in group.episodes if ep.hot_until_ns > horizon]
+
+    def _opened(self, rule: Rule, key: GroupKey, group: _Group, ep: _Episode) -> AlertOpened:
+        start, end = group.bounds(ep.first_hot_ns, rule.window_ns)
+        window = group.entries[start:end]
+        return AlertOpened(
+            rule=rule.name,
+            group=key,
+            severity=rule.severity,
+            evidence=tuple(e.event_id for e in window),
+            files=len(window),
+            bytes=group.prefix[end] - group.prefix[start],
+            first_ns=window[0].t,
+            last_ns=window[-1].t,
+            hot_until_ns=ep.hot_until_ns,
+            reason=self._reason(rule, key, window),
+        )
+
+    def _reason(self, rule: Rule, key: GroupKey, window: list[_Entry]) -> str:
+        """One plain line, e.g. "alice on lt-0412 copied 20 confidential files, 42.0 MiB, to
+        removable in 3 min; rule bulk-copy-to-usb: 20 files / 100 MiB in 10m"."""
+        values = dict(key)
+        label = self._policy.labels[max(e.rank for e in window)]
+        noun = "file" if len(window) == 1 else "files"
+        what = f"{len(window)} {label} {noun}, {_human_size(sum(e.size for e in window))}"
+        verb = " or ".join(sorted({_VERBS.get(e.action, e.action) for e in window}))
+        dest = values.get("destination") or ", ".join(sorted({e.destination for e in window}))
+        span = "" if len(window) == 1 else f" in {_human_span(window[-1].t - window[0].t)}"
+        user, host = values.get("user"), values.get("host")
+        if user is not None:
+            who = user or "unknown user"
+            if host is not None:
+                who += f" on {host or 'unknown host'}"
+            text = f"{who} {verb} {what}, to {dest}{span}"
+        else:
+            where = "" if host is None else f"on {host or 'unknown host'}: "
+            text = f"{where}{what}, {verb} to {dest}{span}"
+        text += f"; rule {rule.name}: {rule.describe()}"
+        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _newly_covered(
+    group: _Group, old: list[tuple[int, int]], new: list[tuple[int, int]]
+) -> Iterator[_Entry]:
+    """Retained entries inside a new span but no old one (spans are open intervals)."""
+    old_closed = sorted((lo + 1, hi - 1) for lo, hi in old if hi - lo > 1)
+    for lo, hi in new:
+        cur, last = lo + 1, hi - 1
+        for a, b in old_closed:
+            if b < cur:
+                continue
+            if a > last:
+                break
+            if a > cur:
+                yield from _between(group, cur, a - 1)
+            cur = max(cur, b + 1)
+        if cur <= last:
+            yield from _between(group, cur, last)
+
+
+def _between(group: _Group, first_ns: int, last_ns: int) -> list[_Entry]:
+    times = group.times
+    return group.entries[bisect.bisect_left(times, first_ns) : bisect.bisect_right(times, last_ns)]
+
+
+def _human_size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+def _human_span(ns: int) -> str:
+    seconds = ns // 1_000_000_000
+    if seconds < 1:
+        return "under 1 s"
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min"
+    if seconds < 48 * 3600:
+        return f"{seconds // 3600} h"
+    return f"{seconds // 86400} days"
