@@ -1,8 +1,7 @@
-"""Attribution, best effort: who wrote a file the copy detector flagged (psutil adapter).
+"""Attribution, after the copy detector: who wrote the file (psutil adapter, never raises).
 
-Tier 0 of FIELD-NOTES §3.5. inotify carries no PID, and by the time a worker
-looks, a short `cp` has usually exited: most small copies end up FILE_OWNER.
-fanotify (root) is the later, reliable tier. Never raises.
+Tier 0 of FIELD-NOTES §3.5: a short `cp` has usually exited before we look, so most
+copies end up FILE_OWNER; fanotify (root) is the later, reliable tier.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TextIO
@@ -107,12 +108,22 @@ def _set_level(level: str) -> None:
     pkg.setLevel(level if level in logging.getLevelNamesMapping() else "INFO")
 
 
+def _guard_watchdog_warning() -> None:
+    """watchdog's inotify reader warns "Callback with id ... already exists" on `cp -r`.
+
+    Under `python -W error` that warning is raised in the reader thread and kills it,
+    silently ending every watch; keep it a warning whatever the interpreter flags say.
+    """
+    warnings.filterwarnings("ignore", "Callback with id", RuntimeWarning)
+
+
 def main(
     argv: Sequence[str] | None = None,
     out: TextIO | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> int:
     args = build_parser().parse_args(argv)
+    _guard_watchdog_warning()
     env = os.environ if environ is None else environ
     pkg = logging.getLogger("agent")
     if not pkg.handlers:

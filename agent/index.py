@@ -19,7 +19,7 @@ from typing import Protocol
 
 from agent.errors import LabelError
 from agent.events import Sha256Hex
-from agent.labels import Labelled, Labeller
+from agent.labels import Labelled, Labeller, LabelSource
 
 logger = logging.getLogger(__name__)
 
@@ -445,6 +445,8 @@ class Scanner:
             stats.skip(path, HashFailure.VANISHED if vanished else HashFailure.UNREADABLE)
             return IndexOutcome.SKIPPED
         if labelled is None:
+            labelled = self._inherited(path, key)
+        if labelled is None:
             old = self._index.get(key)
             if old is not None and not old.is_copy:
                 self._index.remove(key)  # label removed at the source
@@ -471,6 +473,18 @@ class Scanner:
         stats.hashed += 1
         self._index.add(self._entry(path, hashed.st, hashed.sha256, labelled))
         return IndexOutcome.INDEXED
+
+    def _inherited(self, path: bytes, key: FileKey) -> Labelled | None:
+        """The label of the file this one replaced at the same path, if any.
+
+        Editors save by writing a temp file and renaming it over the original, and
+        the new inode has lost the label attribute (FIELD-NOTES §5.1): the label
+        belongs to the document, so the new inode keeps it.
+        """
+        previous = self._index.get_path(path)
+        if previous is None or previous.is_copy or previous.key == key:
+            return None
+        return Labelled(previous.label, LabelSource(previous.label_source))
 
     @staticmethod
     def _entry(path: bytes, st: os.stat_result, sha256: Sha256Hex, labelled: Labelled) -> Entry:

@@ -1,8 +1,7 @@
 """The glue between the stages: observations -> index / copy detector -> attribution -> Event.
 
-Worker threads take `Observation`s off the watcher's bounded queue, keep the
-sensitive index current, ask the detector, hash when it asks, and hand finished
-`Event`s (copies and coverage gaps) to `emit`. Every library call is a collaborator's.
+Worker threads drain the watcher's queue and hand copy and coverage-gap `Event`s to
+`emit` (then signer/spool). Every library call is a collaborator's.
 """
 
 from __future__ import annotations

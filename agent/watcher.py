@@ -256,7 +256,9 @@ class Watcher:
         except OSError as e:
             self._stop_observer(observer)
             self._detach_log_handler()
-            where = os.fsdecode(e.filename) if isinstance(e.filename, bytes | str) else "a root"
+            # watchdog's OSError does not say which root failed
+            bad = [root for root, _ in self._roots if not os.path.isdir(root)]
+            where = ", ".join(r.decode("utf-8", "backslashreplace") for r in bad or [b"a root"])
             raise ConfigError(f"cannot watch {where}: {e.strerror}") from e
         self._observer = observer
         logger.info("watching %d roots", len(self._roots))

@@ -175,7 +175,8 @@ def test_environment_overrides_log_level(write_config) -> None:
         ({"destinations": [{"class": "local"}]}, "agent.yaml: destinations[0].path: required"),
         (
             {"path_rules": [{"glob": "*", "label": "top-secret"}]},
-            "agent.yaml: path_rules[0].label: expected one of public, internal, confidential, secret",
+            "agent.yaml: path_rules[0].label: expected one of public, internal, confidential, "
+            "secret",
         ),
         ({"path_rules": [{"label": "secret"}]}, "agent.yaml: path_rules[0].glob: required"),
         ({"labels": {"levels": ["a", "a"]}}, "agent.yaml: labels.levels: levels must be unique"),

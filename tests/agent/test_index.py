@@ -289,6 +289,23 @@ def test_index_file_follows_content_and_label_changes(tree) -> None:
     assert index.get_path(path) is None
 
 
+def test_an_editor_style_save_keeps_the_label(tree) -> None:
+    scanner, index = make_scanner(tree)
+    scanner.scan()
+    path = os.fsencode(tree / "xattr.txt")
+    before = index.get_path(path)
+    assert before is not None
+    (tree / ".xattr.txt.swp").write_bytes(b"edited")  # no attribute on the new inode
+    os.replace(tree / ".xattr.txt.swp", tree / "xattr.txt")
+    assert scanner.index_file(path) is IndexOutcome.INDEXED
+    after = index.get_path(path)
+    assert after is not None
+    assert after.key != before.key
+    assert (after.label, after.label_source) == (before.label, before.label_source)
+    assert after.sha256 == hashlib.sha256(b"edited").hexdigest()
+    assert index.get(before.key) is None
+
+
 class DeletingHasher:
     """Deletes a chosen file just before hashing it (a file vanishing mid-scan)."""
 

@@ -125,7 +125,9 @@ def test_unreadable_attribute_is_a_label_error_with_cause() -> None:
     def read(path: bytes, name: str) -> bytes:
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    with pytest.raises(LabelError, match=r"cannot read user.exfilwatch.label of /x/caf\\xe9") as info:
+    with pytest.raises(
+        LabelError, match=r"cannot read user.exfilwatch.label of /x/caf\\xe9"
+    ) as info:
         Labeller(make_config(), read_xattr=read).label_of(b"/x/caf\xe9")
     assert isinstance(info.value.__cause__, PermissionError)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -18,6 +19,7 @@ import pytest
 
 import agent
 from agent.attribution import Attributor
+from agent.clock import SystemClock
 from agent.config import AgentConfig, DestinationConfig, PathRule
 from agent.copy_detector import CopyDetector
 from agent.events import (
@@ -135,7 +137,7 @@ class Harness:
             self.attributor,  # type: ignore[arg-type]
             self.hasher,  # type: ignore[arg-type]
             self.events.put,
-            self.clock or _system_clock(),
+            self.clock or SystemClock(),
             observations=self.observations,
             scanner=self.scanner,
             drops=self.drops or (self.watcher.take_dropped if self.with_watcher else None),
@@ -194,12 +196,6 @@ class Harness:
                 self.seen.append(self.events.get_nowait())
             except queue.Empty:
                 return
-
-
-def _system_clock():
-    from agent.clock import SystemClock
-
-    return SystemClock()
 
 
 @pytest.fixture
@@ -309,10 +305,8 @@ class VictimHasher:
         if path == self.victim:
             if self.mode == "unreadable":
                 return HashOutcome(failure=HashFailure.UNREADABLE)
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-            except FileNotFoundError:
-                pass
         return self.real.hash_file(path, expect)
 
 
@@ -325,9 +319,7 @@ def test_a_file_deleted_mid_way_is_skipped_and_counted(dirs, harness) -> None:
     subprocess.run(["cp", b, dirs.usb], check=True)
     h.wait_copy_to(dirs.usb / "b.pdf")
     h.stop()
-    assert [os.path.basename(e.destination.path) for e in h.copies() if e.destination] == [
-        b"b.pdf"
-    ]
+    assert [os.path.basename(e.destination.path) for e in h.copies() if e.destination] == [b"b.pdf"]
     assert h.pipeline.stats().vanished >= 1
     assert h.pipeline.alive is False  # stopped cleanly, not crashed
     assert h.pipeline.failure is None
@@ -420,7 +412,7 @@ def test_non_utf8_destination_names_travel_as_bytes(dirs, harness) -> None:
     h = harness()
     h.start()
     name = os.fsencode(dirs.usb) + b"/bad_\xff\xfe.txt"
-    shutil.copy(src, name)
+    shutil.copy(os.fsencode(src), name)
     event = h.wait_copy_to(Path(os.fsdecode(name)))
     assert event.destination is not None
     assert event.destination.path == name
