@@ -38,9 +38,7 @@ def test_generated_code_matches_protos(tmp_path: Path) -> None:
     assert rc == 0
     fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     committed = sorted(
-        p.relative_to(PROTO)
-        for p in PROTO.rglob("*")
-        if p.is_file() and p.name.endswith(GENERATED)
+        p.relative_to(PROTO) for p in PROTO.rglob("*") if p.is_file() and p.name.endswith(GENERATED)
     )
     assert fresh == committed, "generated file set differs: run `make proto` and commit"
     stale = [str(f) for f in fresh if (tmp_path / f).read_bytes() != (PROTO / f).read_bytes()]

@@ -1,0 +1,86 @@
+"""Shared fixtures: an in-process collector on free ports, and a thread-leak guard."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from collector import pki
+from collector.enroll import Enrollment
+from collector.ingest import Ingestor
+from collector.policy import load_policy
+from collector.rpc import Handlers
+from collector.server import Bound, create_server
+from collector.store import SqliteStore
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICY = ROOT / "configs" / "policy.yaml"
+
+
+@dataclass
+class InProcessCollector:
+    data: Path
+    store: SqliteStore
+    authority: pki.Authority
+    bound: Bound
+
+    @property
+    def enroll_address(self) -> str:
+        return f"127.0.0.1:{self.bound.enroll_port}"
+
+    @property
+    def agent_address(self) -> str:
+        return f"127.0.0.1:{self.bound.agent_port}"
+
+    def token(self, uses: int = 1, ttl_s: int = 3600) -> str:
+        token = pki.new_token(self.authority.fingerprint)
+        now = time.time_ns()
+        self.store.add_token(
+            token.token_id, pki.secret_hash(token.secret), now, now + ttl_s * 10**9, uses
+        )
+        return str(token)
+
+
+@pytest.fixture
+def inproc_collector(tmp_path: Path) -> Iterator[InProcessCollector]:
+    data = tmp_path / "collector"
+    pki.init_pki(data)
+    authority = pki.Authority.load(data)
+    store = SqliteStore.open(data / "collector.db")
+    ingest = Ingestor(store, load_policy(POLICY))
+    ingest.restore(time.time_ns())
+    ports: dict[str, int] = {}
+    handlers = Handlers(
+        ingest, Enrollment(store, authority), authority, time.time_ns, lambda: ports["agent"]
+    )
+    bound = create_server(
+        handlers, authority, listen="127.0.0.1:0", enroll_listen="127.0.0.1:0", workers=4
+    )
+    ports["agent"] = bound.agent_port
+    bound.server.start()
+    try:
+        yield InProcessCollector(data, store, authority, bound)
+    finally:
+        bound.server.stop(grace=None).wait()
+        store.close()
+
+
+@pytest.fixture(autouse=True)
+def _no_thread_leaks() -> Iterator[None]:
+    """Every thread a test starts is stopped and joined by the end of that test."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 5
+    while True:
+        leaked = [
+            t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon
+        ]
+        if not leaked or time.monotonic() > deadline:
+            break
+        leaked[0].join(0.1)
+    assert not leaked, f"threads left running: {[t.name for t in leaked]}"
