@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import os
 import shutil
 import signal
 import sqlite3
@@ -14,7 +16,7 @@ from agent.identity import SIGNING_KEY
 from agent.signer import Signer
 from exfilwatch.v1 import events_pb2
 from tests.e2e.conftest import AgentFactory, set_label
-from tests.procs import Collector, wait_until
+from tests.procs import Collector, run_cli, wait_until
 
 
 def make_files(folder: Path, n: int, label: str | None, prefix: str = "doc") -> list[Path]:
@@ -124,3 +126,37 @@ def test_collector_restart_loses_and_duplicates_nothing(
     assert len(stored) == len(set(stored)), "an event was stored twice"
     assert len(produced) == len(set(produced))
     assert set(stored) == set(produced)
+
+
+def test_hostile_file_names_travel_byte_exact_and_print_escaped(
+    collector: Collector, make_agent: AgentFactory, workspace: Path
+) -> None:
+    make_agent()
+    sensitive, usb = os.fsencode(workspace / "sensitive"), os.fsencode(workspace / "usb")
+    names = [b"bad_\xff\xfe.docx", b"<img src=x onerror=alert(1)>.docx", b"line\nbreak\x1b[2J.xlsx"]
+    for i, name in enumerate(names):
+        src = os.path.join(sensitive, name)
+        with open(src, "wb") as f:
+            f.write(b"payload %d " % i * 50)
+        set_label(Path(os.fsdecode(src)), "secret")
+        shutil.copy(src, os.path.join(usb, name))
+
+    def copies() -> list[dict[str, object]] | None:
+        rows = [e for e in collector.cli_json("events", "list") if e["action"] == "copy"]
+        return rows if len(rows) == len(names) else None
+
+    rows = wait_until(copies, 60, "three copy events")
+    got = set()
+    for row in rows:
+        dest = row["destination"]
+        assert isinstance(dest, dict)
+        raw = base64.b64decode(str(dest["path_b64"]))
+        got.add(os.path.basename(raw))
+        assert "\n" not in str(dest["path"]) and "\x1b" not in str(dest["path"])
+    assert got == set(names)
+
+    text = run_cli("collector", "events", "list", "--data", str(collector.data)).stdout
+    assert "bad_\\xff\\xfe.docx" in text
+    assert "line\\x0abreak\\x1b[2J.xlsx" in text
+    assert "\x1b" not in text
+    assert len([line for line in text.splitlines() if "copy" in line]) == len(names)
