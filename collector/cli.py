@@ -20,6 +20,7 @@ from typing import TextIO
 
 from collector import __version__, pki
 from collector import policy as policy_mod
+from collector.audit import verify_store
 from collector.enroll import Enrollment
 from collector.errors import CollectorError, ConfigError
 from collector.ingest import Ingestor
@@ -191,6 +192,25 @@ def cmd_alerts_show(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def cmd_audit_verify(args: argparse.Namespace, out: TextIO) -> int:
+    if not (args.data / DB_FILE).exists():
+        raise ConfigError(f"{args.data} holds no collector database")
+    report = verify_store(args.data / DB_FILE)
+    if args.json:
+        for f in report.findings:
+            row = {"agent_id": f.agent_id, "batch_seq": f.batch_seq, "event_id": f.event_id}
+            out.write(json.dumps({**row, "problem": f.problem}, sort_keys=True) + "\n")
+    else:
+        for finding in report.findings:
+            out.write(f"FAIL {finding}\n")
+        verdict = "all verify" if report.ok else f"{len(report.findings)} problem(s)"
+        out.write(
+            f"audit: {report.events} events in {report.batches} batches from "
+            f"{report.agents} agents: {verdict}\n"
+        )
+    return 0 if report.ok else 1
+
+
 def cmd_policy_check(args: argparse.Namespace, out: TextIO) -> int:
     policy = load_policy(args.policy)
     out.write(f"{args.policy}: ok, revision {policy.revision}, {len(policy.rules)} rules\n")
@@ -263,6 +283,16 @@ def build_parser() -> argparse.ArgumentParser:
     json_arg(p)
     p.add_argument("id", type=int)
     p.set_defaults(func=cmd_alerts_show)
+
+    audit = sub.add_parser("audit", help="re-prove stored events").add_subparsers(
+        dest="sub", required=True
+    )
+    p = audit.add_parser(
+        "verify", help="re-verify every stored batch and event (exit 1 if any fails)"
+    )
+    data_arg(p)
+    json_arg(p)
+    p.set_defaults(func=cmd_audit_verify)
 
     policy = sub.add_parser("policy", help="policy files").add_subparsers(dest="sub", required=True)
     p = policy.add_parser("check", help="validate a policy file")
