@@ -22,8 +22,8 @@ from agent import __version__
 from agent.clock import SystemClock
 from agent.config import load_config
 from agent.enroll import enroll, split_hostport
-from agent.errors import AgentError, ConfigError
-from agent.identity import Identity
+from agent.errors import AgentError, ConfigError, RevokedError
+from agent.identity import REVOKED, Identity
 from agent.service import AgentService
 
 logger = logging.getLogger("agent")
@@ -57,6 +57,8 @@ def cmd_run(args: argparse.Namespace, out: TextIO, environ: Mapping[str, str]) -
     config = load_config(args.config, environ)
     _set_level(config.log_level if not args.verbose else "DEBUG")
     identity = Identity.load(config.state_dir)
+    if (config.state_dir / REVOKED).exists():
+        raise RevokedError(f"agent {identity.agent_id} was revoked by the collector")
     if config.collector:
         host, port = split_hostport(config.collector)
         identity = dataclasses.replace(identity, collector_host=host, agent_port=port)
@@ -73,6 +75,8 @@ def cmd_run(args: argparse.Namespace, out: TextIO, environ: Mapping[str, str]) -
         service.run()
     finally:
         service.shutdown()
+    if service.revoked:
+        raise RevokedError(f"agent {identity.agent_id} was revoked by the collector")
     return 1 if service.failure else 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import socket
 import ssl
 from dataclasses import dataclass
@@ -21,7 +22,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent import __version__
 from agent.errors import EnrollError
-from agent.identity import CA_CERT, SIGNING_KEY, TLS_CERT, TLS_KEY, Identity, write_private
+from agent.identity import (
+    CA_CERT,
+    REVOKED,
+    SIGNING_KEY,
+    SPOOL,
+    TLS_CERT,
+    TLS_KEY,
+    Identity,
+    write_private,
+)
 from agent.signer import Signer
 from exfilwatch.v1 import collector_pb2, collector_pb2_grpc
 
@@ -89,6 +99,12 @@ def enroll(collector: str, token_text: str, state_dir: Path, hostname: str) -> I
     ca_pem = fetch_pinned_ca(host, port, token.ca_fingerprint)
 
     signer_path = state_dir / SIGNING_KEY
+    if (state_dir / REVOKED).exists():
+        # A revoked identity is never reused: set its key and undeliverable spool aside.
+        for name in (SIGNING_KEY, SPOOL):
+            if (state_dir / name).exists():
+                os.replace(state_dir / name, state_dir / f"{name}.revoked")
+        (state_dir / REVOKED).unlink()
     if signer_path.exists():
         signer = Signer.load(signer_path)
     else:

@@ -6,8 +6,9 @@ AgentError
 ├── StateError          agent state directory missing or damaged
 ├── LabelError          a file's label could not be read
 ├── SpoolError          the durable spool failed
-└── ShipError           a batch could not be delivered (retried)
-    └── RejectedError   the collector refused a batch for good
+├── ShipError           a batch could not be delivered (retried)
+│   └── RejectedError   the collector refused a batch for good
+└── RevokedError        the collector revoked this agent (exit 78: do not restart)
 """
 
 from __future__ import annotations
@@ -51,3 +52,8 @@ class ShipError(AgentError):
 
 class RejectedError(ShipError):
     pass
+
+
+class RevokedError(AgentError):
+    exit_code = 78  # EX_CONFIG; the systemd unit sets RestartPreventExitStatus=78
+    hint = "enrol again with a new token: exfilwatch-agent enroll ... (a new key is generated)"

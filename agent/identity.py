@@ -23,6 +23,8 @@ TLS_CERT = "tls.crt"
 CA_CERT = "ca.crt"
 IDENTITY = "identity.json"
 SPOOL = "spool.db"
+REVOKED = "revoked"
+"""Marker written when the collector revoked this identity: `run` refuses to start."""
 
 
 @dataclass(frozen=True)

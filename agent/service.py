@@ -19,7 +19,7 @@ from agent.config import AgentConfig
 from agent.copy_detector import CopyDetector
 from agent.errors import AgentError
 from agent.events import Action, CoverageGap, Event, EventId
-from agent.identity import SIGNING_KEY, SPOOL, Identity
+from agent.identity import REVOKED, SIGNING_KEY, SPOOL, Identity
 from agent.index import FileHasher, SensitiveIndex
 from agent.pipeline import Pipeline
 from agent.shipper import Shipper, ShipperSettings
@@ -55,6 +55,7 @@ class AgentService:
         self._gaps = 0
         self._gaps_lock = threading.Lock()
         self.failure: str | None = None
+        self.revoked = False
 
     # events
 
@@ -141,6 +142,11 @@ class AgentService:
                 self.failure = "pipeline worker died"
             elif not self._watcher.healthy():
                 self.failure = "filesystem watcher died"
+            elif self._shipper is not None and self._shipper.revoked:
+                self.revoked = True
+                (self._identity.state_dir / REVOKED).write_text("revoked by the collector\n")
+                logger.error("revoked by the collector: stopping for good")
+                return
             if self.failure:
                 logger.error("%s: stopping so the service manager restarts the agent", self.failure)
                 return

@@ -87,6 +87,8 @@ class Shipper:
         self._channel: grpc.Channel | None = None
         self.acked_batches = 0
         self.connected = False
+        self.revoked = False
+        """Set when the collector says this agent is revoked; the shipper then stops."""
 
     def start(self) -> None:
         ca, key, cert = self._identity.tls_material()
@@ -119,12 +121,23 @@ class Shipper:
             if self._spool.seal(now_ns, max_events=s.max_events, max_bytes=s.max_bytes) is None:
                 break
 
+    def _check_revoked(self, error: grpc.RpcError) -> None:
+        if error.code() is grpc.StatusCode.PERMISSION_DENIED and "revoked" in (
+            error.details() or ""
+        ):
+            if not self.revoked:
+                logger.error(
+                    "the collector revoked this agent: %s; stopping delivery", error.details()
+                )
+            self.revoked = True
+
     def _send(self, batch: SealedBatch) -> bool:
         request = signed_batch_message(batch.body, batch.signature, batch.key_id)
         try:
             ack = self._stub.UploadBatch(request, timeout=self._settings.call_timeout_s)
         except grpc.RpcError as e:
             self.connected = False
+            self._check_revoked(e)
             code = e.code()
             if code in _REFUSED:
                 logger.error(
@@ -163,6 +176,7 @@ class Shipper:
             self.connected = True
         except grpc.RpcError as e:
             self.connected = False
+            self._check_revoked(e)
             logger.info("heartbeat failed: %s", e.code().name)
 
     def _run(self) -> None:
@@ -170,7 +184,7 @@ class Shipper:
         next_heartbeat = 0.0
         while True:
             now = self._clock.monotonic()
-            if self._stopping.is_set() and now >= self._flush_deadline:
+            if self.revoked or (self._stopping.is_set() and now >= self._flush_deadline):
                 break
             if now >= next_heartbeat and not self._stopping.is_set():
                 self._heartbeat()

@@ -151,6 +151,16 @@ def cmd_agents_list(args: argparse.Namespace, out: TextIO) -> int:
     return _emit([agent_json(a) for a in agents], lines or ["no agents enrolled"], args, out)
 
 
+def cmd_agents_revoke(args: argparse.Namespace, out: TextIO) -> int:
+    store = open_store(args.data)
+    try:
+        store.revoke_agent(args.agent_id)
+    finally:
+        store.close()
+    out.write(f"revoked {args.agent_id}: its next call is refused\n")
+    return 0
+
+
 def _ago(ns: int) -> str:
     if not ns:
         return "never"
@@ -261,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     data_arg(p)
     json_arg(p)
     p.set_defaults(func=cmd_agents_list)
+    p = agents.add_parser("revoke", help="refuse every later call of an agent")
+    data_arg(p)
+    p.add_argument("agent_id")
+    p.set_defaults(func=cmd_agents_revoke)
 
     events = sub.add_parser("events", help="stored events").add_subparsers(
         dest="sub", required=True

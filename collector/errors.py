@@ -8,6 +8,7 @@ CollectorError
 └── IngestError             a batch was refused (nothing stored)
     ├── MalformedBatchError     cannot be parsed / fields invalid      -> INVALID_ARGUMENT
     ├── UnknownAgentError       no enrolled agent for this identity    -> UNAUTHENTICATED
+    ├── RevokedAgentError       the agent was revoked                  -> PERMISSION_DENIED
     ├── SignatureError          signature does not verify              -> UNAUTHENTICATED
     ├── IdentityMismatchError   batch agent id != TLS identity         -> PERMISSION_DENIED
     ├── ReplayConflictError     used batch_seq with different bytes    -> ALREADY_EXISTS
@@ -56,6 +57,10 @@ class MalformedBatchError(IngestError):
 
 
 class UnknownAgentError(IngestError):
+    pass
+
+
+class RevokedAgentError(IngestError):
     pass
 
 

@@ -10,7 +10,7 @@ import logging
 import threading
 
 from collector.codec import decode_signed_batch
-from collector.errors import IngestError
+from collector.errors import IngestError, RevokedAgentError, UnknownAgentError
 from collector.models import StoredEvent, ThresholdDecision
 from collector.policy import Policy
 from collector.rpc import Ack, Heartbeat, HeartbeatReply
@@ -84,6 +84,13 @@ class Ingestor:
         )
 
     def heartbeat(self, hb: Heartbeat, now_ns: int) -> HeartbeatReply:
+        agent = self._store.get_agent_key(hb.agent_id)
+        if agent is None:
+            raise UnknownAgentError(f"agent {hb.agent_id!r} is not enrolled")
+        if agent.revoked:
+            error = RevokedAgentError(f"agent {hb.agent_id!r} is revoked")
+            self._store.record_security_alert(hb.agent_id, type(error).__name__, str(error), now_ns)
+            raise error
         self._store.touch_agent(
             hb.agent_id,
             now_ns,

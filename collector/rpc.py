@@ -25,6 +25,7 @@ from collector.errors import (
     IdentityMismatchError,
     MalformedBatchError,
     ReplayConflictError,
+    RevokedAgentError,
     SequenceGapError,
     SignatureError,
     UnknownAgentError,
@@ -39,6 +40,7 @@ SERVICE = "exfilwatch.v1.Collector"
 _STATUS: tuple[tuple[type[CollectorError], grpc.StatusCode], ...] = (
     (MalformedBatchError, grpc.StatusCode.INVALID_ARGUMENT),
     (UnknownAgentError, grpc.StatusCode.UNAUTHENTICATED),
+    (RevokedAgentError, grpc.StatusCode.PERMISSION_DENIED),
     (SignatureError, grpc.StatusCode.UNAUTHENTICATED),
     (IdentityMismatchError, grpc.StatusCode.PERMISSION_DENIED),
     (ReplayConflictError, grpc.StatusCode.ALREADY_EXISTS),

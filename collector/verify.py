@@ -15,7 +15,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from collector.codec import decode_batch_body, decode_signed_batch
-from collector.errors import ChainError, SequenceGapError, SignatureError, UnknownAgentError
+from collector.errors import (
+    ChainError,
+    RevokedAgentError,
+    SequenceGapError,
+    SignatureError,
+    UnknownAgentError,
+)
 from collector.models import AgentId, VerifiedBatch
 
 DOMAIN = b"exfilwatch.batch.v1\n"
@@ -86,7 +92,7 @@ def verify_batch(
     if agent is None or agent.agent_id != tls_agent_id:
         raise UnknownAgentError(f"agent {tls_agent_id!r} is not enrolled")
     if agent.revoked:
-        raise UnknownAgentError(f"agent {tls_agent_id!r} is revoked")
+        raise RevokedAgentError(f"agent {tls_agent_id!r} is revoked")
     body, signature, key_id = decode_signed_batch(signed) if isinstance(signed, bytes) else signed
     # Never look for another key: a key_id hint that is not this agent's key is a rejection.
     if not hmac.compare_digest(key_id, agent.key_id):

@@ -11,6 +11,7 @@ from collector.errors import (
     ChainError,
     IdentityMismatchError,
     MalformedBatchError,
+    RevokedAgentError,
     SequenceGapError,
     SignatureError,
     UnknownAgentError,
@@ -125,7 +126,7 @@ def test_key_enrolled_for_another_agent_is_unknown(agent, chain):
 
 
 def test_revoked_agent_is_refused(agent, chain):
-    with pytest.raises(UnknownAgentError, match="revoked"):
+    with pytest.raises(RevokedAgentError, match="revoked"):
         verify_batch(
             signed=chain.next().raw,
             tls_agent_id=agent.agent_id,

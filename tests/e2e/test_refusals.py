@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,8 +15,8 @@ from agent.events import Action, Event, EventId
 from agent.identity import SIGNING_KEY, Identity
 from agent.signer import GENESIS_DIGEST, Signer, batch_digest
 from exfilwatch.v1 import collector_pb2, collector_pb2_grpc, events_pb2
-from tests.e2e.conftest import AgentFactory
-from tests.procs import Collector
+from tests.e2e.conftest import AgentFactory, set_label
+from tests.procs import Collector, run_cli
 
 
 def _event(n: int) -> bytes:
@@ -167,8 +168,6 @@ def test_enrolment_port_refuses_uploads(collector: Collector, client: Client) ->
 
 
 def test_enrolment_token_is_single_use(collector: Collector, tmp_path: Path) -> None:
-    from tests.procs import run_cli
-
     token = collector.token()
     first = run_cli(
         "agent",
@@ -217,3 +216,26 @@ def test_enrolment_token_is_single_use(collector: Collector, tmp_path: Path) -> 
     assert "does not present the CA named in the token" in third.stderr
     agents = collector.cli_json("agents", "list")
     assert [a["hostname"] for a in agents] == ["a"]
+
+
+def test_revoked_agent_is_refused_and_stops_for_good(
+    collector: Collector, make_agent: AgentFactory, workspace: Path
+) -> None:
+    source = workspace / "sensitive" / "x.docx"
+    source.write_bytes(b"x" * 100)
+    set_label(source, "secret")
+    agent = make_agent("revokee")
+    agent_id = collector.cli_json("agents", "list")[0]["agent_id"]
+    run_cli("collector", "agents", "revoke", str(agent_id), "--data", str(collector.data))
+    assert agent.proc is not None
+    # The next heartbeat (or upload) is refused; the agent exits 78 and does not come back.
+    shutil.copy(source, workspace / "usb")
+    rc = agent.proc.popen.wait(60)
+    assert rc == 78
+    assert "revoked" in agent.proc.stderr_tail()
+    agent.stop()
+    state = agent.config.parent / "revokee-state"
+    assert (state / "revoked").exists()
+    again = run_cli("agent", "run", "--config", str(agent.config), check=False)
+    assert again.returncode == 78 and "was revoked" in again.stderr
+    assert any(a["rule"] == "RevokedAgentError" for a in collector.cli_json("alerts", "list"))
