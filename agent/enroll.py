@@ -110,13 +110,7 @@ def enroll(collector: str, token_text: str, state_dir: Path, hostname: str) -> I
     else:
         signer = Signer.generate()
         signer.save(signer_path)
-    tls_key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, hostname)]))
-        .sign(tls_key, hashes.SHA256())
-    )
-    csr_der = csr.public_bytes(serialization.Encoding.DER)
+    tls_key_pem, csr_der = new_tls_key_and_csr(hostname)
     request = collector_pb2.EnrollRequest(
         token_id=token.token_id,
         token_secret=token.secret,
@@ -134,17 +128,31 @@ def enroll(collector: str, token_text: str, state_dir: Path, hostname: str) -> I
             raise EnrollError(f"enrolment refused: {e.code().name}: {e.details()}") from e
     if reply.ca_certificate_pem.strip() != ca_pem.strip():
         raise EnrollError("collector returned a different CA than the one pinned")
-    write_private(
-        state_dir / TLS_KEY,
-        tls_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-    )
+    write_private(state_dir / TLS_KEY, tls_key_pem)
     (state_dir / TLS_CERT).write_bytes(reply.client_certificate_pem)
     (state_dir / CA_CERT).write_bytes(ca_pem)
     identity = Identity(reply.agent_id, host, reply.agent_port, state_dir)
     identity.save()
     logger.info("enrolled as %s with %s", reply.agent_id, collector)
     return identity
+
+
+def new_tls_key_and_csr(name: str) -> tuple[bytes, bytes]:
+    """A fresh ECDSA P-256 key (PEM) and a certificate request for it (DER)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)]))
+        .sign(key, hashes.SHA256())
+    )
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return pem, csr.public_bytes(serialization.Encoding.DER)
+
+
+def certificate_expiry(cert_pem: bytes) -> float:
+    """Unix time at which a PEM certificate stops being valid."""
+    return x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc.timestamp()

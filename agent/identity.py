@@ -23,6 +23,7 @@ TLS_CERT = "tls.crt"
 CA_CERT = "ca.crt"
 IDENTITY = "identity.json"
 SPOOL = "spool.db"
+NEXT = ".next"
 REVOKED = "revoked"
 """Marker written when the collector revoked this identity: `run` refuses to start."""
 
@@ -41,6 +42,7 @@ class Identity:
 
     def tls_material(self) -> tuple[bytes, bytes, bytes]:
         """(CA PEM, client key PEM, client certificate PEM)."""
+        self._finish_rotation()
         key_path = self.state_dir / TLS_KEY
         check_private(key_path)
         try:
@@ -51,6 +53,24 @@ class Identity:
             )
         except OSError as e:
             raise StateError(f"cannot read TLS material in {self.state_dir}: {e}") from e
+
+    def rotate_tls(self, key_pem: bytes, cert_pem: bytes) -> None:
+        """Replace the mTLS key and certificate as a pair, surviving a crash half-way.
+
+        Both are written as `.next` files first; then the key, then the certificate
+        replace the current ones. `tls_material` completes an interrupted rotation.
+        """
+        write_private(self.state_dir / (TLS_KEY + NEXT), key_pem)
+        write_private(self.state_dir / (TLS_CERT + NEXT), cert_pem)
+        self._finish_rotation()
+
+    def _finish_rotation(self) -> None:
+        key_next = self.state_dir / (TLS_KEY + NEXT)
+        cert_next = self.state_dir / (TLS_CERT + NEXT)
+        if key_next.exists() and cert_next.exists():
+            os.replace(key_next, self.state_dir / TLS_KEY)
+        if cert_next.exists() and not key_next.exists():
+            os.replace(cert_next, self.state_dir / TLS_CERT)
 
     def save(self) -> None:
         data = {

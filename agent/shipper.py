@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ import grpc
 from agent import __version__
 from agent.clock import Clock
 from agent.codec import signed_batch_message
+from agent.enroll import certificate_expiry, new_tls_key_and_csr
 from agent.identity import Identity
 from agent.spool import SealedBatch, Spool
 from exfilwatch.v1 import collector_pb2, collector_pb2_grpc
@@ -61,6 +63,9 @@ class ShipperSettings:
     heartbeat_s: float = 30.0
     call_timeout_s: float = 15.0
     max_backoff_s: float = 10.0
+    renew_before_s: float = 10 * 86400.0
+    """Renew the client certificate when it expires within this long (certificates last 30 days)."""
+    renew_check_s: float = 3600.0
 
 
 class Shipper:
@@ -88,14 +93,40 @@ class Shipper:
         self.acked_batches = 0
         self.connected = False
         self.revoked = False
+        self.renewals = 0
+        self._cert_expiry = 0.0
         """Set when the collector says this agent is revoked; the shipper then stops."""
 
     def start(self) -> None:
+        self._connect()
+        self._thread.start()
+
+    def _connect(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
         ca, key, cert = self._identity.tls_material()
+        self._cert_expiry = certificate_expiry(cert)
         creds = grpc.ssl_channel_credentials(ca, key, cert)
         self._channel = grpc.secure_channel(self._identity.target, creds, options=CHANNEL_OPTIONS)
         self._stub = collector_pb2_grpc.CollectorStub(self._channel)
-        self._thread.start()
+
+    def _renew_if_due(self) -> None:
+        """Renew the client certificate over mutual TLS before it expires."""
+        if self._cert_expiry - time.time() > self._settings.renew_before_s:
+            return
+        key_pem, csr_der = new_tls_key_and_csr(self._identity.agent_id)
+        try:
+            reply = self._stub.RenewCertificate(
+                collector_pb2.RenewRequest(csr_der=csr_der), timeout=self._settings.call_timeout_s
+            )
+        except grpc.RpcError as e:
+            self._check_revoked(e)
+            logger.warning("certificate renewal failed: %s: %s", e.code().name, e.details())
+            return
+        self._identity.rotate_tls(key_pem, reply.client_certificate_pem)
+        self._connect()
+        self.renewals += 1
+        logger.info("client certificate renewed; valid until %s", time.ctime(self._cert_expiry))
 
     def wake(self) -> None:
         self._wake.set()
@@ -182,10 +213,14 @@ class Shipper:
     def _run(self) -> None:
         attempt = 0
         next_heartbeat = 0.0
+        next_renew_check = 0.0
         while True:
             now = self._clock.monotonic()
             if self.revoked or (self._stopping.is_set() and now >= self._flush_deadline):
                 break
+            if now >= next_renew_check and not self._stopping.is_set():
+                self._renew_if_due()
+                next_renew_check = now + self._settings.renew_check_s
             if now >= next_heartbeat and not self._stopping.is_set():
                 self._heartbeat()
                 next_heartbeat = now + self._settings.heartbeat_s

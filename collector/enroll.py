@@ -9,13 +9,20 @@ from typing import Protocol
 from cryptography.hazmat.primitives import serialization
 
 from collector import pki
-from collector.errors import EnrollmentError
+from collector.errors import EnrollmentError, RevokedAgentError, UnknownAgentError
+from collector.records import AgentRecord
 
 logger = logging.getLogger(__name__)
 
 
 class EnrollStore(Protocol):
     def consume_token(self, token_id: str, secret_hash: bytes, now_ns: int) -> bool: ...
+
+    def get_agent(self, agent_id: str) -> AgentRecord | None: ...
+
+    def touch_agent(
+        self, agent_id: str, now_ns: int, *, cert_serial: str | None = None
+    ) -> None: ...
 
     def add_agent(
         self,
@@ -77,3 +84,23 @@ class Enrollment:
         return Enrolled(
             agent_id, cert.public_bytes(serialization.Encoding.PEM), self._authority.ca_pem
         )
+
+    def current_serial(self, agent_id: str) -> str | None:
+        """The serial of the one client certificate this agent may use now (None: refuse)."""
+        agent = self._store.get_agent(agent_id)
+        if agent is None or agent.revoked:
+            return None
+        return agent.cert_serial
+
+    def renew(self, agent_id: str, csr_der: bytes, now_ns: int) -> bytes:
+        """Issue a new client certificate; from now on only its serial is accepted."""
+        agent = self._store.get_agent(agent_id)
+        if agent is None:
+            raise UnknownAgentError(f"agent {agent_id!r} is not enrolled")
+        if agent.revoked:
+            raise RevokedAgentError(f"agent {agent_id!r} is revoked")
+        cert = self._authority.issue_client_cert(csr_der, agent_id)
+        serial = format(cert.serial_number, "x")
+        self._store.touch_agent(agent_id, now_ns, cert_serial=serial)
+        logger.info("renewed client certificate of %s (serial %s)", agent_id, serial)
+        return cert.public_bytes(serialization.Encoding.PEM)

@@ -8,6 +8,7 @@ signature is checked over exactly the bytes that arrived.
 from __future__ import annotations
 
 import datetime as dt
+import hmac
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -115,17 +116,25 @@ class Handlers:
         raise AssertionError("unreachable")  # context.abort raises
 
     def _identity(self, context: grpc.ServicerContext) -> str | None:
-        """The agent id of a verified client certificate, or None."""
+        """The agent id of a verified, current client certificate, or None.
+
+        Only the latest certificate issued to an agent counts: after a renewal or a
+        revocation the previous one is refused although TLS still accepts it.
+        """
         # grpc-stubs types the values as bytes; at run time they are lists of bytes.
         pems = cast("list[bytes] | None", context.auth_context().get("x509_pem_cert"))
         if not pems:
             return None
         now = dt.datetime.fromtimestamp(self._clock_ns() / 1e9, dt.UTC)
         try:
-            agent_id, _serial = self._authority.client_identity(pems[0], now)
+            agent_id, serial = self._authority.client_identity(pems[0], now)
         except EnrollmentError:
             return None
-        return agent_id
+        current = self._enrollment.current_serial(agent_id)
+        if current is None:
+            # Unknown or revoked: let ingest say which (and raise the security alert).
+            return agent_id
+        return agent_id if hmac.compare_digest(current, serial) else None
 
     def enroll(
         self, request: collector_pb2.EnrollRequest, context: grpc.ServicerContext
@@ -198,6 +207,18 @@ class Handlers:
             last_batch_digest=reply.last_batch_digest,
         )
 
+    def renew_certificate(
+        self, request: collector_pb2.RenewRequest, context: grpc.ServicerContext
+    ) -> collector_pb2.RenewResponse:
+        agent_id = self._identity(context)
+        if agent_id is None:
+            self._abort(context, UnknownAgentError("renewal without a current client certificate"))
+        try:
+            pem = self._enrollment.renew(agent_id, request.csr_der, self._clock_ns())
+        except CollectorError as e:
+            self._abort(context, e)
+        return collector_pb2.RenewResponse(client_certificate_pem=pem)
+
     def generic_handler(self) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
         return grpc.method_handlers_generic_handler(
             SERVICE,
@@ -210,6 +231,11 @@ class Handlers:
                 "UploadBatch": grpc.unary_unary_rpc_method_handler(
                     self.upload_batch,
                     response_serializer=collector_pb2.BatchAck.SerializeToString,
+                ),
+                "RenewCertificate": grpc.unary_unary_rpc_method_handler(
+                    self.renew_certificate,
+                    request_deserializer=collector_pb2.RenewRequest.FromString,
+                    response_serializer=collector_pb2.RenewResponse.SerializeToString,
                 ),
                 "Heartbeat": grpc.unary_unary_rpc_method_handler(
                     self.heartbeat,

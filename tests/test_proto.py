@@ -54,5 +54,6 @@ def test_contract_imports_as_exfilwatch_v1() -> None:
         "Enroll",
         "UploadBatch",
         "Heartbeat",
+        "RenewCertificate",
     }
     assert hasattr(collector_pb2_grpc, "CollectorStub")

@@ -35,6 +35,18 @@ class EnrollResponse(_message.Message):
     agent_port: int
     def __init__(self, agent_id: _Optional[str] = ..., client_certificate_pem: _Optional[bytes] = ..., ca_certificate_pem: _Optional[bytes] = ..., agent_port: _Optional[int] = ...) -> None: ...
 
+class RenewRequest(_message.Message):
+    __slots__ = ("csr_der",)
+    CSR_DER_FIELD_NUMBER: _ClassVar[int]
+    csr_der: bytes
+    def __init__(self, csr_der: _Optional[bytes] = ...) -> None: ...
+
+class RenewResponse(_message.Message):
+    __slots__ = ("client_certificate_pem",)
+    CLIENT_CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    client_certificate_pem: bytes
+    def __init__(self, client_certificate_pem: _Optional[bytes] = ...) -> None: ...
+
 class BatchAck(_message.Message):
     __slots__ = ("agent_id", "batch_seq", "batch_digest", "duplicate", "events_stored")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]

@@ -50,6 +50,11 @@ class CollectorStub:
                 request_serializer=exfilwatch_dot_v1_dot_collector__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=exfilwatch_dot_v1_dot_collector__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.RenewCertificate = channel.unary_unary(
+                '/exfilwatch.v1.Collector/RenewCertificate',
+                request_serializer=exfilwatch_dot_v1_dot_collector__pb2.RenewRequest.SerializeToString,
+                response_deserializer=exfilwatch_dot_v1_dot_collector__pb2.RenewResponse.FromString,
+                _registered_method=True)
 
 
 class CollectorServicer:
@@ -74,6 +79,14 @@ class CollectorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenewCertificate(self, request, context):
+        """Over mutual TLS with the current certificate: a new short-lived client certificate
+        for a new key. The previous certificate is refused from then on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CollectorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -91,6 +104,11 @@ def add_CollectorServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=exfilwatch_dot_v1_dot_collector__pb2.HeartbeatRequest.FromString,
                     response_serializer=exfilwatch_dot_v1_dot_collector__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'RenewCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewCertificate,
+                    request_deserializer=exfilwatch_dot_v1_dot_collector__pb2.RenewRequest.FromString,
+                    response_serializer=exfilwatch_dot_v1_dot_collector__pb2.RenewResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -174,6 +192,33 @@ class Collector:
             '/exfilwatch.v1.Collector/Heartbeat',
             exfilwatch_dot_v1_dot_collector__pb2.HeartbeatRequest.SerializeToString,
             exfilwatch_dot_v1_dot_collector__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/exfilwatch.v1.Collector/RenewCertificate',
+            exfilwatch_dot_v1_dot_collector__pb2.RenewRequest.SerializeToString,
+            exfilwatch_dot_v1_dot_collector__pb2.RenewResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,10 @@ class CollectorStub:
     UploadBatch: _grpc.UnaryUnaryMultiCallable[_events_pb2.SignedBatch, _collector_pb2.BatchAck]
     """The response is the acknowledgement: sent only after the batch is committed."""
     Heartbeat: _grpc.UnaryUnaryMultiCallable[_collector_pb2.HeartbeatRequest, _collector_pb2.HeartbeatResponse]
+    RenewCertificate: _grpc.UnaryUnaryMultiCallable[_collector_pb2.RenewRequest, _collector_pb2.RenewResponse]
+    """Over mutual TLS with the current certificate: a new short-lived client certificate
+    for a new key. The previous certificate is refused from then on.
+    """
 
 @_typing.type_check_only
 class CollectorAsyncStub(CollectorStub):
@@ -52,6 +56,10 @@ class CollectorAsyncStub(CollectorStub):
     UploadBatch: _aio.UnaryUnaryMultiCallable[_events_pb2.SignedBatch, _collector_pb2.BatchAck]  # type: ignore[assignment]
     """The response is the acknowledgement: sent only after the batch is committed."""
     Heartbeat: _aio.UnaryUnaryMultiCallable[_collector_pb2.HeartbeatRequest, _collector_pb2.HeartbeatResponse]  # type: ignore[assignment]
+    RenewCertificate: _aio.UnaryUnaryMultiCallable[_collector_pb2.RenewRequest, _collector_pb2.RenewResponse]  # type: ignore[assignment]
+    """Over mutual TLS with the current certificate: a new short-lived client certificate
+    for a new key. The previous certificate is refused from then on.
+    """
 
 class CollectorServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -75,5 +83,15 @@ class CollectorServicer(metaclass=_abc_1.ABCMeta):
         request: _collector_pb2.HeartbeatRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_collector_pb2.HeartbeatResponse, _abc.Awaitable[_collector_pb2.HeartbeatResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RenewCertificate(
+        self,
+        request: _collector_pb2.RenewRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_collector_pb2.RenewResponse, _abc.Awaitable[_collector_pb2.RenewResponse]]:
+        """Over mutual TLS with the current certificate: a new short-lived client certificate
+        for a new key. The previous certificate is refused from then on.
+        """
 
 def add_CollectorServicer_to_server(servicer: CollectorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
