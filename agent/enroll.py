@@ -32,6 +32,7 @@ from agent.identity import (
     Identity,
     write_private,
 )
+from agent.policy import POLICY_KEY_FILE
 from agent.signer import Signer
 from exfilwatch.v1 import collector_pb2, collector_pb2_grpc
 
@@ -131,6 +132,9 @@ def enroll(collector: str, token_text: str, state_dir: Path, hostname: str) -> I
     write_private(state_dir / TLS_KEY, tls_key_pem)
     (state_dir / TLS_CERT).write_bytes(reply.client_certificate_pem)
     (state_dir / CA_CERT).write_bytes(ca_pem)
+    if len(reply.policy_public_key) != 32:
+        raise EnrollError("collector sent no policy key: it is older than this agent")
+    (state_dir / POLICY_KEY_FILE).write_bytes(reply.policy_public_key)
     identity = Identity(reply.agent_id, host, reply.agent_port, state_dir)
     identity.save()
     logger.info("enrolled as %s with %s", reply.agent_id, collector)

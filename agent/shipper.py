@@ -22,6 +22,7 @@ from agent.clock import Clock
 from agent.codec import signed_batch_message
 from agent.enroll import certificate_expiry, new_tls_key_and_csr
 from agent.identity import Identity
+from agent.policy import PolicyKeeper
 from agent.spool import SealedBatch, Spool
 from exfilwatch.v1 import collector_pb2, collector_pb2_grpc
 
@@ -83,7 +84,8 @@ class Shipper:
         self._spool = spool
         self._clock = clock
         self._settings = settings
-        self._status = status  # (policy revision, coverage gaps so far)
+        self._status = status  # (unused revision, coverage gaps so far)
+        self.policy = PolicyKeeper(identity.state_dir)
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._flush_deadline = 0.0
@@ -191,9 +193,21 @@ class Shipper:
         )
         return True
 
+    def _refresh_policy(self) -> None:
+        try:
+            signed = self._stub.GetPolicy(
+                collector_pb2.PolicyRequest(have_revision=self.policy.revision),
+                timeout=self._settings.call_timeout_s,
+            )
+        except grpc.RpcError as e:
+            self._check_revoked(e)
+            logger.info("policy refresh failed: %s", e.code().name)
+            return
+        self.policy.offer(signed.SerializeToString())
+
     def _heartbeat(self) -> None:
         pending, sealed = self._spool.depth()
-        revision, gaps = self._status()
+        revision, gaps = self.policy.revision, self._status()[1]
         request = collector_pb2.HeartbeatRequest(
             agent_id=self._identity.agent_id,
             sent_at_ns=self._clock.wall_ns(),
@@ -214,6 +228,7 @@ class Shipper:
         attempt = 0
         next_heartbeat = 0.0
         next_renew_check = 0.0
+        next_policy = 0.0
         while True:
             now = self._clock.monotonic()
             if self.revoked or (self._stopping.is_set() and now >= self._flush_deadline):
@@ -221,9 +236,16 @@ class Shipper:
             if now >= next_renew_check and not self._stopping.is_set():
                 self._renew_if_due()
                 next_renew_check = now + self._settings.renew_check_s
+            if now >= next_policy and not self._stopping.is_set():
+                self._refresh_policy()
+                running = self.policy.current
+                next_policy = now + (running.refresh_s if running else 60.0)
             if now >= next_heartbeat and not self._stopping.is_set():
                 self._heartbeat()
-                next_heartbeat = now + self._settings.heartbeat_s
+                running = self.policy.current
+                next_heartbeat = now + (
+                    running.heartbeat_s if running else self._settings.heartbeat_s
+                )
             batch = self._spool.next_unacked()
             self._seal_due(self._clock.wall_ns(), idle=batch is None)
             batch = batch or self._spool.next_unacked()

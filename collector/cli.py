@@ -49,7 +49,8 @@ def open_store(data: Path) -> SqliteStore:
         raise ConfigError(
             f"{data} is not an initialised collector data directory",
         )
-    return SqliteStore.open(data / DB_FILE)
+    # FULL: an acknowledged batch is deleted by the agent, so its commit must be durable.
+    return SqliteStore.open(data / DB_FILE, synchronous="FULL")
 
 
 def cmd_init(args: argparse.Namespace, out: TextIO) -> int:
@@ -89,7 +90,12 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         ingest.restore(time.time_ns())
         holder: dict[str, int] = {}
         handlers = Handlers(
-            ingest, Enrollment(store, authority), authority, time.time_ns, lambda: holder["agent"]
+            ingest,
+            Enrollment(store, authority),
+            authority,
+            time.time_ns,
+            lambda: holder["agent"],
+            policy=policy,
         )
         enroll_listen = args.enroll_listen or _next_port(args.listen)
         bound = create_server(handlers, authority, listen=args.listen, enroll_listen=enroll_listen)

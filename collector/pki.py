@@ -177,6 +177,14 @@ class Authority:
     server_key_pem: bytes
     server_chain_pem: bytes
     """Server certificate followed by the CA certificate, so agents can pin the CA."""
+    policy_key: ed25519.Ed25519PrivateKey
+    """Signs the policy served to agents; its public half is handed out at enrolment."""
+
+    @property
+    def policy_public_raw(self) -> bytes:
+        return self.policy_key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
 
     @property
     def fingerprint(self) -> str:
@@ -189,6 +197,7 @@ class Authority:
             key = serialization.load_pem_private_key((data / CA_KEY).read_bytes(), None)
             server_key_pem = (data / SERVER_KEY).read_bytes()
             server_pem = (data / SERVER_CERT).read_bytes()
+            policy_key = serialization.load_pem_private_key((data / POLICY_KEY).read_bytes(), None)
         except FileNotFoundError as e:
             raise ConfigError(
                 f"{data} is not an initialised collector data directory ({e.filename} missing); "
@@ -196,8 +205,15 @@ class Authority:
             ) from e
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise ConfigError(f"{data / CA_KEY}: not an ECDSA key")
+        if not isinstance(policy_key, ed25519.Ed25519PrivateKey):
+            raise ConfigError(f"{data / POLICY_KEY}: not an Ed25519 key")
         return cls(
-            x509.load_pem_x509_certificate(ca_pem), key, ca_pem, server_key_pem, server_pem + ca_pem
+            x509.load_pem_x509_certificate(ca_pem),
+            key,
+            ca_pem,
+            server_key_pem,
+            server_pem + ca_pem,
+            policy_key,
         )
 
     def issue_client_cert(self, csr_der: bytes, agent_id: str) -> x509.Certificate:

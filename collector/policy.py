@@ -5,6 +5,7 @@ Loaded once at the collector's entry point into frozen, validated objects; error
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -158,12 +159,32 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class AgentSettings:
+    """How agents stay in touch: served to them in the signed policy."""
+
+    heartbeat_ns: int = 30 * _NS_PER_S
+    silent_after_ns: int = 5 * 60 * _NS_PER_S
+    """An agent heard from neither by heartbeat nor upload for this long raises an alert."""
+    refresh_ns: int = 5 * 60 * _NS_PER_S
+    """How often agents ask for a newer policy."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.heartbeat_ns < self.silent_after_ns:
+            raise ValueError("agents.heartbeat must be shorter than agents.silent_after")
+        if not 0 < self.refresh_ns <= 86400 * _NS_PER_S:
+            raise ValueError("agents.policy_refresh must be between 1s and 1d")
+
+
+@dataclass(frozen=True)
 class Policy:
     """The whole policy: labels in ascending rank and at least one rule."""
 
     revision: str
     labels: tuple[str, ...]
     rules: tuple[Rule, ...]
+    agents: AgentSettings = field(default_factory=AgentSettings)
+    document: bytes = field(default=b"", repr=False, compare=False)
+    """The file as written, served to agents inside the signed policy."""
     _ranks: Mapping[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -208,7 +229,8 @@ def load_policy(path: Path) -> Policy:
         raise ConfigError(f"{source}: {where}invalid YAML: {e.problem or e.context}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: invalid YAML: {e}") from e
-    return parse_policy(data, source, default_revision=hashlib.sha256(raw).hexdigest()[:12])
+    policy = parse_policy(data, source, default_revision=hashlib.sha256(raw).hexdigest()[:12])
+    return dataclasses.replace(policy, document=raw)
 
 
 def parse_policy(data: object, source: str, *, default_revision: str | None = None) -> Policy:
@@ -229,7 +251,7 @@ class _Invalid(Exception):
 
 
 def _parse_policy(data: object, default_revision: str | None) -> Policy:
-    top = _mapping(data, "", required=("labels", "rules"), optional=("revision",))
+    top = _mapping(data, "", required=("labels", "rules"), optional=("revision", "agents"))
     revision = _text(top["revision"], "revision") if "revision" in top else default_revision
     labels = _list(top["labels"], "labels")
     if not labels:
@@ -252,7 +274,25 @@ def _parse_policy(data: object, default_revision: str | None) -> Policy:
     if revision is None:
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         revision = hashlib.sha256(canonical.encode()).hexdigest()[:12]
-    return _build("", lambda: Policy(revision, tuple(ranks), tuple(rules)))
+    agents = _parse_agents(top["agents"], "agents") if "agents" in top else AgentSettings()
+    return _build("", lambda: Policy(revision, tuple(ranks), tuple(rules), agents))
+
+
+def _parse_agents(data: object, path: str) -> AgentSettings:
+    m = _mapping(data, path, optional=("heartbeat", "silent_after", "policy_refresh"))
+    defaults = AgentSettings()
+    values = {
+        "heartbeat_ns": ("heartbeat", defaults.heartbeat_ns),
+        "silent_after_ns": ("silent_after", defaults.silent_after_ns),
+        "refresh_ns": ("policy_refresh", defaults.refresh_ns),
+    }
+    kwargs = {
+        field_name: _convert(m[key], f"{path}.{key}", parse_duration, "a duration like 30s")
+        if key in m
+        else default
+        for field_name, (key, default) in values.items()
+    }
+    return _build(path, lambda: AgentSettings(**kwargs))
 
 
 def _parse_rule(data: object, path: str, ranks: Mapping[str, int]) -> Rule:

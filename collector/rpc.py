@@ -31,6 +31,7 @@ from collector.errors import (
     SignatureError,
     UnknownAgentError,
 )
+from collector.policy import Policy
 from exfilwatch.v1 import collector_pb2
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,27 @@ class Ingest(Protocol):
     def heartbeat(self, hb: Heartbeat, now_ns: int) -> HeartbeatReply: ...
 
 
+POLICY_DOMAIN = b"exfilwatch.policy.v1\n"
+
+
+def sign_policy(
+    policy: Policy, authority: pki.Authority, now_ns: int
+) -> collector_pb2.SignedPolicy:
+    """Serialise the agents' view of `policy` once and sign those bytes."""
+    body = collector_pb2.AgentPolicy(
+        revision=policy.revision,
+        issued_at_ns=now_ns,
+        heartbeat_interval_s=policy.agents.heartbeat_ns // 1_000_000_000,
+        refresh_interval_s=policy.agents.refresh_ns // 1_000_000_000,
+        document=policy.document,
+    ).SerializeToString()
+    return collector_pb2.SignedPolicy(
+        body=body,
+        signature=authority.policy_key.sign(POLICY_DOMAIN + body),
+        key_id=pki.key_id(authority.policy_public_raw),
+    )
+
+
 class Handlers:
     """The servicer. Enroll is served on the enrolment port; the others need mutual TLS."""
 
@@ -100,7 +122,12 @@ class Handlers:
         authority: pki.Authority,
         clock_ns: Callable[[], int],
         agent_port: Callable[[], int],
+        *,
+        policy: Policy | None = None,
     ) -> None:
+        self._signed_policy = (
+            sign_policy(policy, authority, clock_ns()) if policy is not None else None
+        )
         self._ingest = ingest
         self._enrollment = enrollment
         self._authority = authority
@@ -158,6 +185,7 @@ class Handlers:
             client_certificate_pem=done.client_cert_pem,
             ca_certificate_pem=done.ca_pem,
             agent_port=self._agent_port(),
+            policy_public_key=self._authority.policy_public_raw,
         )
 
     def upload_batch(self, request: bytes, context: grpc.ServicerContext) -> collector_pb2.BatchAck:
@@ -219,6 +247,15 @@ class Handlers:
             self._abort(context, e)
         return collector_pb2.RenewResponse(client_certificate_pem=pem)
 
+    def get_policy(
+        self, request: collector_pb2.PolicyRequest, context: grpc.ServicerContext
+    ) -> collector_pb2.SignedPolicy:
+        if self._identity(context) is None:
+            self._abort(context, UnknownAgentError("policy request without a client certificate"))
+        if self._signed_policy is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "this collector serves no policy")
+        return self._signed_policy
+
     def generic_handler(self) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
         return grpc.method_handlers_generic_handler(
             SERVICE,
@@ -236,6 +273,11 @@ class Handlers:
                     self.renew_certificate,
                     request_deserializer=collector_pb2.RenewRequest.FromString,
                     response_serializer=collector_pb2.RenewResponse.SerializeToString,
+                ),
+                "GetPolicy": grpc.unary_unary_rpc_method_handler(
+                    self.get_policy,
+                    request_deserializer=collector_pb2.PolicyRequest.FromString,
+                    response_serializer=collector_pb2.SignedPolicy.SerializeToString,
                 ),
                 "Heartbeat": grpc.unary_unary_rpc_method_handler(
                     self.heartbeat,

@@ -52,11 +52,17 @@ def inproc_collector(tmp_path: Path) -> Iterator[InProcessCollector]:
     pki.init_pki(data)
     authority = pki.Authority.load(data)
     store = SqliteStore.open(data / "collector.db")
-    ingest = Ingestor(store, load_policy(POLICY))
+    policy = load_policy(POLICY)
+    ingest = Ingestor(store, policy)
     ingest.restore(time.time_ns())
     ports: dict[str, int] = {}
     handlers = Handlers(
-        ingest, Enrollment(store, authority), authority, time.time_ns, lambda: ports["agent"]
+        ingest,
+        Enrollment(store, authority),
+        authority,
+        time.time_ns,
+        lambda: ports["agent"],
+        policy=policy,
     )
     bound = create_server(
         handlers, authority, listen="127.0.0.1:0", enroll_listen="127.0.0.1:0", workers=4

@@ -24,16 +24,18 @@ class EnrollRequest(_message.Message):
     def __init__(self, token_id: _Optional[str] = ..., token_secret: _Optional[str] = ..., signing_public_key: _Optional[bytes] = ..., csr_der: _Optional[bytes] = ..., hostname: _Optional[str] = ..., agent_version: _Optional[str] = ..., proof: _Optional[bytes] = ...) -> None: ...
 
 class EnrollResponse(_message.Message):
-    __slots__ = ("agent_id", "client_certificate_pem", "ca_certificate_pem", "agent_port")
+    __slots__ = ("agent_id", "client_certificate_pem", "ca_certificate_pem", "agent_port", "policy_public_key")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
     CA_CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
     AGENT_PORT_FIELD_NUMBER: _ClassVar[int]
+    POLICY_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     client_certificate_pem: bytes
     ca_certificate_pem: bytes
     agent_port: int
-    def __init__(self, agent_id: _Optional[str] = ..., client_certificate_pem: _Optional[bytes] = ..., ca_certificate_pem: _Optional[bytes] = ..., agent_port: _Optional[int] = ...) -> None: ...
+    policy_public_key: bytes
+    def __init__(self, agent_id: _Optional[str] = ..., client_certificate_pem: _Optional[bytes] = ..., ca_certificate_pem: _Optional[bytes] = ..., agent_port: _Optional[int] = ..., policy_public_key: _Optional[bytes] = ...) -> None: ...
 
 class RenewRequest(_message.Message):
     __slots__ = ("csr_der",)
@@ -46,6 +48,36 @@ class RenewResponse(_message.Message):
     CLIENT_CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
     client_certificate_pem: bytes
     def __init__(self, client_certificate_pem: _Optional[bytes] = ...) -> None: ...
+
+class PolicyRequest(_message.Message):
+    __slots__ = ("have_revision",)
+    HAVE_REVISION_FIELD_NUMBER: _ClassVar[int]
+    have_revision: str
+    def __init__(self, have_revision: _Optional[str] = ...) -> None: ...
+
+class AgentPolicy(_message.Message):
+    __slots__ = ("revision", "issued_at_ns", "heartbeat_interval_s", "refresh_interval_s", "document")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    ISSUED_AT_NS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    REFRESH_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    revision: str
+    issued_at_ns: int
+    heartbeat_interval_s: int
+    refresh_interval_s: int
+    document: bytes
+    def __init__(self, revision: _Optional[str] = ..., issued_at_ns: _Optional[int] = ..., heartbeat_interval_s: _Optional[int] = ..., refresh_interval_s: _Optional[int] = ..., document: _Optional[bytes] = ...) -> None: ...
+
+class SignedPolicy(_message.Message):
+    __slots__ = ("body", "signature", "key_id")
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    body: bytes
+    signature: bytes
+    key_id: bytes
+    def __init__(self, body: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., key_id: _Optional[bytes] = ...) -> None: ...
 
 class BatchAck(_message.Message):
     __slots__ = ("agent_id", "batch_seq", "batch_digest", "duplicate", "events_stored")

@@ -55,6 +55,11 @@ class CollectorStub:
                 request_serializer=exfilwatch_dot_v1_dot_collector__pb2.RenewRequest.SerializeToString,
                 response_deserializer=exfilwatch_dot_v1_dot_collector__pb2.RenewResponse.FromString,
                 _registered_method=True)
+        self.GetPolicy = channel.unary_unary(
+                '/exfilwatch.v1.Collector/GetPolicy',
+                request_serializer=exfilwatch_dot_v1_dot_collector__pb2.PolicyRequest.SerializeToString,
+                response_deserializer=exfilwatch_dot_v1_dot_collector__pb2.SignedPolicy.FromString,
+                _registered_method=True)
 
 
 class CollectorServicer:
@@ -87,6 +92,14 @@ class CollectorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPolicy(self, request, context):
+        """Over mutual TLS: the policy the agent should run, signed with the collector's
+        policy key (delivered at enrolment). Agents keep the last policy that verified.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CollectorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +122,11 @@ def add_CollectorServicer_to_server(servicer, server):
                     servicer.RenewCertificate,
                     request_deserializer=exfilwatch_dot_v1_dot_collector__pb2.RenewRequest.FromString,
                     response_serializer=exfilwatch_dot_v1_dot_collector__pb2.RenewResponse.SerializeToString,
+            ),
+            'GetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPolicy,
+                    request_deserializer=exfilwatch_dot_v1_dot_collector__pb2.PolicyRequest.FromString,
+                    response_serializer=exfilwatch_dot_v1_dot_collector__pb2.SignedPolicy.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +237,33 @@ class Collector:
             '/exfilwatch.v1.Collector/RenewCertificate',
             exfilwatch_dot_v1_dot_collector__pb2.RenewRequest.SerializeToString,
             exfilwatch_dot_v1_dot_collector__pb2.RenewResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/exfilwatch.v1.Collector/GetPolicy',
+            exfilwatch_dot_v1_dot_collector__pb2.PolicyRequest.SerializeToString,
+            exfilwatch_dot_v1_dot_collector__pb2.SignedPolicy.FromString,
             options,
             channel_credentials,
             insecure,

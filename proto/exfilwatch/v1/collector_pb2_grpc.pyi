@@ -48,6 +48,10 @@ class CollectorStub:
     """Over mutual TLS with the current certificate: a new short-lived client certificate
     for a new key. The previous certificate is refused from then on.
     """
+    GetPolicy: _grpc.UnaryUnaryMultiCallable[_collector_pb2.PolicyRequest, _collector_pb2.SignedPolicy]
+    """Over mutual TLS: the policy the agent should run, signed with the collector's
+    policy key (delivered at enrolment). Agents keep the last policy that verified.
+    """
 
 @_typing.type_check_only
 class CollectorAsyncStub(CollectorStub):
@@ -59,6 +63,10 @@ class CollectorAsyncStub(CollectorStub):
     RenewCertificate: _aio.UnaryUnaryMultiCallable[_collector_pb2.RenewRequest, _collector_pb2.RenewResponse]  # type: ignore[assignment]
     """Over mutual TLS with the current certificate: a new short-lived client certificate
     for a new key. The previous certificate is refused from then on.
+    """
+    GetPolicy: _aio.UnaryUnaryMultiCallable[_collector_pb2.PolicyRequest, _collector_pb2.SignedPolicy]  # type: ignore[assignment]
+    """Over mutual TLS: the policy the agent should run, signed with the collector's
+    policy key (delivered at enrolment). Agents keep the last policy that verified.
     """
 
 class CollectorServicer(metaclass=_abc_1.ABCMeta):
@@ -92,6 +100,16 @@ class CollectorServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_collector_pb2.RenewResponse, _abc.Awaitable[_collector_pb2.RenewResponse]]:
         """Over mutual TLS with the current certificate: a new short-lived client certificate
         for a new key. The previous certificate is refused from then on.
+        """
+
+    @_abc_1.abstractmethod
+    def GetPolicy(
+        self,
+        request: _collector_pb2.PolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_collector_pb2.SignedPolicy, _abc.Awaitable[_collector_pb2.SignedPolicy]]:
+        """Over mutual TLS: the policy the agent should run, signed with the collector's
+        policy key (delivered at enrolment). Agents keep the last policy that verified.
         """
 
 def add_CollectorServicer_to_server(servicer: CollectorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
