@@ -1,4 +1,4 @@
-"""exfilwatch-agent command line: enroll, run, check-config.
+"""exfilwatch-agent command line: enroll, run, check-config, install, uninstall, status.
 
 The one place agent errors reach a person: `main` prints diagnostics and
 returns the exit code (1, or 2 for configuration errors).
@@ -18,13 +18,15 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from agent import __version__
+from agent import __version__, install, status, uninstall
 from agent.clock import SystemClock
 from agent.config import load_config
 from agent.enroll import enroll, split_hostport
 from agent.errors import AgentError, ConfigError, RevokedError
 from agent.identity import REVOKED, Identity
+from agent.sdnotify import SdNotifier
 from agent.service import AgentService
+from agent.service_files import Platform
 
 logger = logging.getLogger("agent")
 
@@ -62,7 +64,9 @@ def cmd_run(args: argparse.Namespace, out: TextIO, environ: Mapping[str, str]) -
     if config.collector:
         host, port = split_hostport(config.collector)
         identity = dataclasses.replace(identity, collector_host=host, agent_port=port)
-    service = AgentService(config, identity, SystemClock())
+    service = AgentService(
+        config, identity, SystemClock(), notifier=SdNotifier.from_environ(environ)
+    )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: service.should_exit.set())
     try:
@@ -78,6 +82,56 @@ def cmd_run(args: argparse.Namespace, out: TextIO, environ: Mapping[str, str]) -
     if service.revoked:
         raise RevokedError(f"agent {identity.agent_id} was revoked by the collector")
     return 1 if service.failure else 0
+
+
+def cmd_install(args: argparse.Namespace, out: TextIO, environ: Mapping[str, str]) -> int:
+    _quiet(args, environ)
+    request = install.InstallRequest(
+        collector=args.collector,
+        hostname=args.hostname or socket.gethostname(),
+        token=install.read_secret(
+            args.token, args.token_file, environ, "EXFILWATCH_TOKEN", "--token"
+        ),
+        platform=Platform(args.platform),
+        sensitive_roots=tuple(args.sensitive_root),
+        destinations=tuple(args.destination),
+        uninstall_token=install.read_secret(
+            args.uninstall_token, None, environ, install.UNINSTALL_TOKEN_ENV, "--uninstall-token"
+        ),
+        executable=args.executable,
+        start=not args.no_start,
+    )
+    if args.dry_run or request.platform is not Platform.LINUX:
+        out.write(install.format_plan(install.plan_install(request, args.root), args.root))
+        return 0
+    manager = install.choose_manager(args.root, start=request.start)
+    out.write(install.install(request, args.root, manager) + "\n")
+    return 0
+
+
+def cmd_uninstall(args: argparse.Namespace, out: TextIO, environ: Mapping[str, str]) -> int:
+    _quiet(args, environ)
+    token = install.read_secret(
+        args.uninstall_token, None, environ, install.UNINSTALL_TOKEN_ENV, "--uninstall-token"
+    )
+    manager = install.choose_manager(args.root, start=True)
+    out.write(uninstall.uninstall(args.root, token, manager) + "\n")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, out: TextIO, environ: Mapping[str, str]) -> int:
+    if not args.config.exists():
+        raise ConfigError(f"{args.config} does not exist: is the agent installed? (see install)")
+    config = load_config(args.config, environ, check_paths=False)
+    report = status.collect(config, SystemClock().wall_ns())
+    out.write(report.to_json() + "\n" if args.json else report.to_text())
+    return report.state.exit_code
+
+
+def _quiet(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
+    """install/uninstall print one summary line; their progress logs only with -v."""
+    if not args.verbose and not environ.get("EXFILWATCH_LOGLEVEL"):
+        _set_level("WARNING")
 
 
 Command = Callable[[argparse.Namespace, TextIO, Mapping[str, str]], int]
@@ -104,6 +158,42 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate a config file")
     p.add_argument("--config", type=Path, required=True)
     p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("install", help="enrol and install as a service (systemd)")
+    p.add_argument("--collector", required=True, help="the collector's enrolment HOST:PORT")
+    p.add_argument("--token", help="enrolment token (or --token-file); not needed once enrolled")
+    p.add_argument("--token-file", type=Path, help="read the enrolment token from a file")
+    p.add_argument("--hostname", help="name to enrol under (default: this host's name)")
+    p.add_argument(
+        "--root", type=Path, default=Path("/"), metavar="DIR", help="install under DIR (default /)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print every file; write nothing")
+    p.add_argument(
+        "--sensitive-root", action="append", default=[], metavar="DIR", help="(default /home)"
+    )
+    p.add_argument(
+        "--destination", action="append", default=[], metavar="CLASS:DIR", help="(removable:/media)"
+    )
+    p.add_argument(
+        "--platform",
+        choices=[str(v) for v in Platform],
+        default=str(Platform.LINUX),
+        help="windows, macos: print their service files for review (implies --dry-run)",
+    )
+    p.add_argument("--no-start", action="store_true", help="do not enable or start the service")
+    p.add_argument("--uninstall-token", metavar="TOKEN", help="uninstall will require it")
+    p.add_argument("--executable", metavar="PATH", help="the agent program (default: this one)")
+    p.set_defaults(func=cmd_install)
+
+    p = sub.add_parser("uninstall", help="stop and remove the service, its config and state")
+    p.add_argument("--root", type=Path, default=Path("/"), metavar="DIR", help="installed under")
+    p.add_argument("--uninstall-token", metavar="TOKEN", help="the one given to install, if any")
+    p.set_defaults(func=cmd_uninstall)
+
+    p = sub.add_parser("status", help="enrolled? running? delivering?")
+    p.add_argument("--config", type=Path, default=Path("/etc/exfilwatch/agent.yaml"))
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(func=cmd_status)
     return parser
 
 

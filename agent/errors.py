@@ -8,7 +8,10 @@ AgentError
 ├── SpoolError          the durable spool failed
 ├── ShipError           a batch could not be delivered (retried)
 │   └── RejectedError   the collector refused a batch for good
-└── RevokedError        the collector revoked this agent (exit 78: do not restart)
+├── RevokedError        the collector revoked this agent (exit 78: do not restart)
+└── InstallError        install / uninstall failed (agent.install)
+    ├── ServiceManagerError   systemctl failed
+    └── UninstallRefused      missing or wrong uninstall token (exit 3)
 """
 
 from __future__ import annotations

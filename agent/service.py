@@ -22,9 +22,11 @@ from agent.events import Action, CoverageGap, Event, EventId
 from agent.identity import REVOKED, SIGNING_KEY, SPOOL, Identity
 from agent.index import FileHasher, SensitiveIndex
 from agent.pipeline import Pipeline
+from agent.sdnotify import READY, STOPPING, Notifier, SdNotifier, Watchdog
 from agent.shipper import Shipper, ShipperSettings
 from agent.signer import Signer
 from agent.spool import Spool
+from agent.status import STATUS_INTERVAL_S, AckTrackingSpool, agent_status, write_status
 from agent.watcher import ObservationQueue, Role, Watcher
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,8 @@ class AgentService:
         clock: Clock,
         *,
         shipper_settings: ShipperSettings | None = None,
+        notifier: Notifier | None = None,
+        status_interval: float = STATUS_INTERVAL_S,
     ) -> None:
         self._config = config
         self._identity = identity
@@ -56,6 +60,12 @@ class AgentService:
         self._gaps_lock = threading.Lock()
         self.failure: str | None = None
         self.revoked = False
+        # Reporting: sd_notify to the service manager, status.json for `status`.
+        self._notifier: Notifier = notifier or SdNotifier(None)
+        self._watchdog = Watchdog(self._notifier)
+        self._status_interval = status_interval
+        self._observations: ObservationQueue | None = None
+        self._started_ns = 0
 
     # events
 
@@ -82,15 +92,18 @@ class AgentService:
             self._shipper.wake()
 
     def _status(self) -> tuple[str, int]:
+        """(policy revision in force, coverage gaps reported so far)."""
+        revision = self._shipper.policy.revision if self._shipper is not None else ""
         with self._gaps_lock:
-            return "", self._gaps
+            return revision, self._gaps
 
     # lifecycle
 
     def startup(self) -> None:
         config, state = self._config, self._identity.state_dir
         signer = Signer.load(state / SIGNING_KEY)
-        self._spool = Spool.open(
+        self._started_ns = self._clock.wall_ns()
+        self._spool = AckTrackingSpool.open(
             state / SPOOL,
             agent_id=self._identity.agent_id,
             signer=signer,
@@ -103,6 +116,7 @@ class AgentService:
         self.emit(self._event(Action.AGENT_START))
         index = SensitiveIndex(config.labels.levels)
         observations: ObservationQueue = queue.Queue(maxsize=config.queue_size)
+        self._observations = observations
         roots = [(root, Role.SENSITIVE) for root in config.sensitive_roots]
         roots += [(dest.path, Role.DESTINATION) for dest in config.destinations]
         self._watcher = Watcher(roots, observations)
@@ -128,11 +142,14 @@ class AgentService:
             len(config.sensitive_roots),
             len(config.destinations),
         )
+        self._report(running=True, healthy=True)
+        self._notifier.notify(READY)
 
     def run(self, health_interval: float = 1.0) -> None:
         """Block until should_exit is set or a stage dies."""
         if self._spool is None or self._watcher is None or self._pipeline is None:
             raise AgentError("agent not started")
+        next_report = self._clock.monotonic() + self._status_interval
         while not self.should_exit.wait(health_interval):
             dropped = self._spool.take_dropped()
             if dropped:
@@ -147,12 +164,25 @@ class AgentService:
                 (self._identity.state_dir / REVOKED).write_text("revoked by the collector\n")
                 logger.error("revoked by the collector: stopping for good")
                 return
+            # WATCHDOG=1 only from here and only while healthy: a stuck run loop or a
+            # pipeline sitting on queued work stops the pings, and systemd restarts us.
+            now = self._clock.monotonic()
+            healthy = self._watchdog.check(
+                alive=self.failure is None,
+                handled=self._pipeline.stats().observations,
+                backlog=self._observations.qsize() if self._observations is not None else 0,
+                now=now,
+            )
+            if now >= next_report:
+                self._report(running=True, healthy=healthy)
+                next_report = now + self._status_interval
             if self.failure:
                 logger.error("%s: stopping so the service manager restarts the agent", self.failure)
                 return
 
     def shutdown(self, flush_s: float = 5.0) -> None:
         """Stop watching, finish queued work, report agent_stop, deliver what is spooled."""
+        self._notifier.notify(STOPPING)
         if self._watcher is not None:
             self._watcher.stop()
         if self._pipeline is not None:
@@ -165,4 +195,29 @@ class AgentService:
         if self._shipper is not None:
             self._shipper.stop(flush_s)
         if self._spool is not None:
+            self._report(running=False, healthy=False)
             self._spool.close()
+
+    def _report(self, *, running: bool, healthy: bool) -> None:
+        """Write status.json (for `exfilwatch-agent status`) and STATUS= for the manager."""
+        if self._spool is None:
+            return
+        revision, gaps = self._status()
+        try:
+            status = agent_status(
+                self._identity.agent_id,
+                self._spool,
+                self._shipper,
+                running=running,
+                healthy=healthy,
+                coverage_gaps=gaps,
+                policy_revision=revision,
+                started_at_ns=self._started_ns,
+                now_ns=self._clock.wall_ns(),
+                failure=self.failure,
+            )
+            write_status(self._identity.state_dir, status)
+        except AgentError:  # reporting must never take the agent (or its shutdown) down
+            logger.warning("cannot write the status file", exc_info=True)
+            return
+        self._notifier.notify(f"STATUS={status.summary(self._identity.target)}")
