@@ -154,6 +154,15 @@ class Shipper:
             if self._spool.seal(now_ns, max_events=s.max_events, max_bytes=s.max_bytes) is None:
                 break
 
+    def _call_timeout(self) -> float:
+        """The call deadline; while stopping, no later than the end of the flush."""
+        if self._stopping.is_set():
+            return max(
+                0.5,
+                min(self._settings.call_timeout_s, self._flush_deadline - self._clock.monotonic()),
+            )
+        return self._settings.call_timeout_s
+
     def _check_revoked(self, error: grpc.RpcError) -> None:
         if error.code() is grpc.StatusCode.PERMISSION_DENIED and "revoked" in (
             error.details() or ""
@@ -167,7 +176,9 @@ class Shipper:
     def _send(self, batch: SealedBatch) -> bool:
         request = signed_batch_message(batch.body, batch.signature, batch.key_id)
         try:
-            ack = self._stub.UploadBatch(request, timeout=self._settings.call_timeout_s)
+            # wait_for_ready: while the channel reconnects (its own jittered backoff), the
+            # call waits for it instead of failing at once and adding our backoff on top.
+            ack = self._stub.UploadBatch(request, timeout=self._call_timeout(), wait_for_ready=True)
         except grpc.RpcError as e:
             self.connected = False
             self._check_revoked(e)
@@ -217,7 +228,7 @@ class Shipper:
             coverage_gaps=gaps,
         )
         try:
-            self._stub.Heartbeat(request, timeout=self._settings.call_timeout_s)
+            self._stub.Heartbeat(request, timeout=self._call_timeout(), wait_for_ready=True)
             self.connected = True
         except grpc.RpcError as e:
             self.connected = False
