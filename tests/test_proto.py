@@ -55,5 +55,6 @@ def test_contract_imports_as_exfilwatch_v1() -> None:
         "UploadBatch",
         "Heartbeat",
         "RenewCertificate",
+        "GetPolicy",
     }
     assert hasattr(collector_pb2_grpc, "CollectorStub")
