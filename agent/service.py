@@ -79,14 +79,18 @@ class AgentService:
             gap=gap,
         )
 
-    def emit(self, event: Event) -> None:
-        """Called from pipeline workers: spool durably, then wake the shipper."""
+    def emit(self, event: Event, *, reported_drops: int = 0) -> None:
+        """Called from pipeline workers: spool durably, then wake the shipper.
+
+        `reported_drops`: spool drops this event reports, taken off the spool's count
+        in the same transaction, so a crash can neither lose nor repeat the count.
+        """
         if self._spool is None:
             raise AgentError("agent not started")
         if event.action is Action.COVERAGE_GAP:
             with self._gaps_lock:
                 self._gaps += 1
-        self._spool.append([event])
+        self._spool.append([event], reported_drops=reported_drops)
         logger.debug("spooled event %s %s", event.event_id, event.action)
         if self._shipper is not None:
             self._shipper.wake()
@@ -108,6 +112,7 @@ class AgentService:
             agent_id=self._identity.agent_id,
             signer=signer,
             max_bytes=config.spool.max_bytes,
+            levels=config.labels.levels,
         )
         self._shipper = Shipper(
             self._identity, self._spool, self._clock, self._shipper_settings, self._status
@@ -151,10 +156,11 @@ class AgentService:
             raise AgentError("agent not started")
         next_report = self._clock.monotonic() + self._status_interval
         while not self.should_exit.wait(health_interval):
-            dropped = self._spool.take_dropped()
+            dropped = self._spool.dropped()
             if dropped:
                 logger.warning("spool full: dropped %d events", dropped)
-                self.emit(self._event(Action.COVERAGE_GAP, CoverageGap("spool_dropped", dropped)))
+                gap = self._event(Action.COVERAGE_GAP, CoverageGap("spool_dropped", dropped))
+                self.emit(gap, reported_drops=dropped)
             if self._pipeline.failure is not None or not self._pipeline.alive:
                 self.failure = "pipeline worker died"
             elif not self._watcher.healthy():

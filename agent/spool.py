@@ -11,14 +11,16 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
+from typing import assert_never
 
 from agent import codec
 from agent.errors import SpoolError
-from agent.events import Event
+from agent.events import Action, Event
 from agent.signer import GENESIS_DIGEST, Signer, batch_digest
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "SPOOL_FILE",
     "SealedBatch",
     "Spool",
+    "drop_rank",
 ]
 
 logger = logging.getLogger(__name__)
@@ -40,16 +43,20 @@ BATCH_MAX_EVENTS = 500
 BATCH_MAX_BYTES = 1024 * 1024
 BATCH_MAX_AGE_NS = 1_000_000_000
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 _SCHEMA = (
     # Decided events not yet in a batch. seq is the per-agent event sequence number.
+    # drop_rank orders what the byte cap drops first (lowest, then oldest); NULL: never.
     """CREATE TABLE IF NOT EXISTS pending (
         seq INTEGER PRIMARY KEY,
         event_id TEXT NOT NULL UNIQUE,
         observed_at_ns INTEGER NOT NULL,
         body BLOB NOT NULL,
-        size INTEGER NOT NULL
+        size INTEGER NOT NULL,
+        drop_rank INTEGER
     )""",
+    """CREATE INDEX IF NOT EXISTS pending_drop_order ON pending (drop_rank, seq, size)
+        WHERE drop_rank IS NOT NULL""",
     # Signed batches awaiting the collector's acknowledgement; body is shipped verbatim.
     """CREATE TABLE IF NOT EXISTS batches (
         batch_seq INTEGER PRIMARY KEY,
@@ -105,9 +112,15 @@ class Spool:
       batch twice; it deduplicates by ``(agent_id, batch_seq)`` and digest (DESIGN §5).
 
     Byte cap: when the stored payload (pending event bytes + sealed batch bodies) exceeds
-    ``max_bytes``, the oldest *pending* events are dropped and counted (`take_dropped`).
-    Sealed batches are never dropped: they are signed links of the hash chain, and a gap
-    is a security event at the collector. The SQLite file itself is somewhat larger.
+    ``max_bytes``, pending events are dropped, least sensitive first (see `drop_rank`:
+    unlabelled file events, then file events by label from the lowest of `levels` up,
+    oldest first within a rank), until the payload fits again. Every drop is counted in
+    the same transaction (`dropped`), and the count is handed back exactly once, in the
+    transaction that appends the coverage_gap event reporting it
+    (``append(..., reported_drops=n)``). Never dropped: coverage_gap, agent_start and
+    agent_stop events (how the collector learns what it is missing), and sealed batches
+    (signed links of the hash chain; a gap is a security event at the collector). So the
+    cap can be exceeded by those; the SQLite file itself is also somewhat larger.
 
     Concurrency: one connection guarded by a lock, shared by the pipeline and shipper
     threads. The database is opened with ``locking_mode=EXCLUSIVE``, so a second process
@@ -115,13 +128,21 @@ class Spool:
     """
 
     def __init__(
-        self, conn: sqlite3.Connection, *, agent_id: str, signer: Signer, max_bytes: int
+        self,
+        conn: sqlite3.Connection,
+        *,
+        agent_id: str,
+        signer: Signer,
+        max_bytes: int,
+        levels: Sequence[str] = (),
     ) -> None:
         """Use `Spool.open`; this constructor expects a connection with the schema in place."""
         self._conn: sqlite3.Connection | None = conn
         self._agent_id = agent_id
         self._signer = signer
         self._max_bytes = max_bytes
+        self._levels = tuple(levels)
+        self._ranks = _ranks(self._levels)
         self._lock = threading.Lock()
         # Totals kept in memory (the exclusive lock makes this connection the only writer)
         # so that the byte cap and depth() never scan the tables.
@@ -142,14 +163,22 @@ class Spool:
         agent_id: str,
         signer: Signer,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        levels: Sequence[str] = (),
     ) -> Spool:
         """Open or create the spool database at `path` (normally ``state_dir / SPOOL_FILE``).
+
+        `levels` are the label names, least sensitive first (``config.labels.levels``);
+        they decide what the byte cap drops first. A label missing from them ranks above
+        all of them (an event we cannot rank is not the first to go). An event keeps the
+        rank it was appended with.
 
         Raises SpoolError if the file cannot be opened, is in use by another process,
         has a newer schema, or belongs to a different agent id.
         """
         if max_bytes <= 0:
             raise ValueError("max_bytes must be positive")
+        if len(set(levels)) != len(levels):
+            raise ValueError("levels must be unique")
         try:
             # Create it private before SQLite does (SQLite would honour the umask); the
             # WAL file inherits the database file's mode.
@@ -165,9 +194,9 @@ class Spool:
                 raise SpoolError(f"spool {path}: cannot enable WAL (journal_mode={mode})")
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("BEGIN IMMEDIATE")
-            _init_schema(conn, path, agent_id)
+            _init_schema(conn, path, agent_id, _ranks(levels))
             conn.execute("COMMIT")
-            spool = cls(conn, agent_id=agent_id, signer=signer, max_bytes=max_bytes)
+            spool = cls(conn, agent_id=agent_id, signer=signer, max_bytes=max_bytes, levels=levels)
         except sqlite3.Error as e:
             if conn is not None:
                 conn.close()
@@ -184,37 +213,63 @@ class Spool:
         )
         return spool
 
-    def append(self, events: Sequence[Event]) -> list[int]:
+    def append(self, events: Sequence[Event], *, reported_drops: int = 0) -> list[int]:
         """Assign the next event seqs, store the encoded events in one transaction.
 
-        Returns the assigned seqs. If the byte cap is exceeded, the oldest pending events
-        (possibly some of these) are dropped and counted; their seqs stay used.
+        Returns the assigned seqs. If the byte cap is exceeded, pending events (possibly
+        some of these) are dropped, least sensitive first, and counted; their seqs stay
+        used, so the collector sees the hole. `reported_drops` is the number of drops
+        these events report (a coverage_gap with `dropped()`'s count): it is subtracted
+        from the count in the same transaction, so a crash can neither lose the count
+        nor report it twice.
         """
         if not events:
+            if reported_drops:
+                raise ValueError("reported_drops needs the event that reports them")
             return []
         with self._locked() as conn, self._txn(conn, durable=False):
-            (first,) = conn.execute("SELECT next_event_seq FROM meta").fetchone()
+            first, owed = conn.execute("SELECT next_event_seq, dropped FROM meta").fetchone()
+            if not 0 <= reported_drops <= owed:
+                raise ValueError(f"reported_drops={reported_drops}, but {owed} drops are counted")
             seqs = list(range(first, first + len(events)))
             rows = []
             for seq, ev in zip(seqs, events, strict=True):
                 body = codec.event_to_bytes(replace(ev, seq=seq))
-                rows.append((seq, ev.event_id, ev.observed_at_ns, body, len(body)))
+                rank = drop_rank(ev, self._ranks)
+                rows.append((seq, ev.event_id, ev.observed_at_ns, body, len(body), rank))
             conn.executemany(
-                "INSERT INTO pending (seq, event_id, observed_at_ns, body, size)"
-                " VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO pending (seq, event_id, observed_at_ns, body, size, drop_rank)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
                 rows,
             )
-            conn.execute("UPDATE meta SET next_event_seq = ?", (first + len(events),))
+            conn.execute(
+                "UPDATE meta SET next_event_seq = ?, dropped = dropped - ?",
+                (first + len(events), reported_drops),
+            )
             added = sum(r[4] for r in rows)
             excess = self._pending_bytes + added + self._batch_bytes - self._max_bytes
-            n_dropped, bytes_dropped = _drop_oldest_pending(conn, excess)
+            dropped = _drop_pending(conn, excess)
+        bytes_dropped = sum(size for size, _ in dropped.values())
+        n_dropped = sum(n for _, n in dropped.values())
         self._pending_n += len(rows) - n_dropped
         self._pending_bytes += added - bytes_dropped
         if n_dropped:
             logger.warning(
-                "spool over %d bytes: dropped %d oldest pending events", self._max_bytes, n_dropped
+                "spool over %d bytes: dropped %d pending events (%s)",
+                self._max_bytes,
+                n_dropped,
+                ", ".join(
+                    f"{self._rank_name(rank)} {n}" for rank, (_, n) in sorted(dropped.items())
+                ),
             )
         return seqs
+
+    def _rank_name(self, rank: int) -> str:
+        if rank == 0:
+            return "unlabelled"
+        if rank <= len(self._levels):
+            return self._levels[rank - 1]
+        return "other labels"
 
     def should_seal(
         self,
@@ -347,12 +402,19 @@ class Spool:
         with self._locked():
             return self._pending_n, self._batches_n
 
+    def dropped(self) -> int:
+        """Events dropped by the byte cap and not yet reported (see `append`)."""
+        with self._locked() as conn:
+            (n,) = conn.execute("SELECT dropped FROM meta").fetchone()
+        return int(n)
+
     def take_dropped(self) -> int:
         """Return and reset the count of events dropped by the byte cap.
 
-        The caller reports a non-zero count as a coverage_gap event. The reset and that
-        event's append are both WAL commits in order, so after power loss either both
-        survive or the count is reported again.
+        Prefer ``append([gap_event], reported_drops=dropped())``: with this method the
+        reset and the coverage_gap event's append are two commits, and a ``kill -9``
+        between them loses the count (a power loss loses both, or the reset, and the
+        count is reported again, which is also safe).
         """
         with self._locked() as conn, self._txn(conn, durable=False):
             (n,) = conn.execute("SELECT dropped FROM meta").fetchone()
@@ -408,10 +470,42 @@ class Spool:
             raise
 
 
-def _init_schema(conn: sqlite3.Connection, path: Path, agent_id: str) -> None:
+def drop_rank(event: Event, ranks: Mapping[str, int]) -> int | None:
+    """Where `event` stands in the byte cap's drop order: lowest first; None: never dropped.
+
+    0 for a file event without a label, 1 + its rank for a labelled one (`ranks` maps
+    label -> 0 for the least sensitive), 1 + len(ranks) for a label not in `ranks`.
+    """
+    action = event.action
+    match action:
+        case Action.COVERAGE_GAP | Action.AGENT_START | Action.AGENT_STOP:
+            return None
+        case Action.COPY | Action.MOVE | Action.READ | Action.WRITE | Action.DELETE | Action.RENAME:
+            if not event.label:
+                return 0
+            return 1 + ranks.get(event.label, len(ranks))
+        case _:
+            assert_never(action)
+
+
+def _ranks(levels: Sequence[str]) -> dict[str, int]:
+    return {label: i for i, label in enumerate(levels)}
+
+
+def _init_schema(
+    conn: sqlite3.Connection, path: Path, agent_id: str, ranks: Mapping[str, int]
+) -> None:
     (version,) = conn.execute("PRAGMA user_version").fetchone()
     if version > _SCHEMA_VERSION:
         raise SpoolError(f"spool {path} has schema version {version}, newer than this agent")
+    if version == 1:
+        # v2 ranks pending events for the byte cap; rank what a v1 agent left behind.
+        conn.execute("ALTER TABLE pending ADD COLUMN drop_rank INTEGER")
+        rows = conn.execute("SELECT seq, body FROM pending").fetchall()
+        conn.executemany(
+            "UPDATE pending SET drop_rank = ? WHERE seq = ?",
+            [(drop_rank(codec.event_from_bytes(body), ranks), seq) for seq, body in rows],
+        )
     for statement in _SCHEMA:
         conn.execute(statement)
     conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION:d}")
@@ -430,24 +524,39 @@ def _init_schema(conn: sqlite3.Connection, path: Path, agent_id: str) -> None:
         )
 
 
-def _drop_oldest_pending(conn: sqlite3.Connection, excess: int) -> tuple[int, int]:
-    """Delete the oldest pending events until `excess` bytes are freed; count them."""
+def _drop_pending(conn: sqlite3.Connection, excess: int) -> dict[int, tuple[int, int]]:
+    """Delete droppable pending events, lowest rank then oldest first, until `excess` bytes
+    are freed (or nothing droppable is left), and count them.
+
+    Returns {rank: (bytes, events)} of what was dropped.
+    """
+    dropped: dict[int, tuple[int, int]] = {}
     if excess <= 0:
-        return 0, 0
-    n = freed = 0
-    cutoff = None
-    cursor = conn.execute("SELECT seq, size FROM pending ORDER BY seq")
+        return dropped
+    freed = 0
+    last: tuple[int, int] | None = None
+    sizes: Counter[int] = Counter()
+    counts: Counter[int] = Counter()
+    cursor = conn.execute(
+        "SELECT drop_rank, seq, size FROM pending WHERE drop_rank IS NOT NULL"
+        " ORDER BY drop_rank, seq"
+    )
     try:
-        for seq, size in cursor:
-            n += 1
+        for rank, seq, size in cursor:
+            sizes[rank] += size
+            counts[rank] += 1
             freed += size
-            cutoff = seq
+            last = (rank, seq)
             if freed >= excess:
                 break
     finally:
         cursor.close()
-    if cutoff is None:
-        return 0, 0
-    conn.execute("DELETE FROM pending WHERE seq <= ?", (cutoff,))
-    conn.execute("UPDATE meta SET dropped = dropped + ?", (n,))
-    return n, freed
+    if last is None:
+        return dropped
+    # Everything before `last` in (drop_rank, seq) order, and `last` itself.
+    conn.execute(
+        "DELETE FROM pending WHERE drop_rank < ? OR (drop_rank = ? AND seq <= ?)",
+        (last[0], *last),
+    )
+    conn.execute("UPDATE meta SET dropped = dropped + ?", (sum(counts.values()),))
+    return {rank: (sizes[rank], counts[rank]) for rank in counts}

@@ -193,6 +193,15 @@ class Agent:
         self.proc = None
         return rc
 
+    def launch(self) -> Proc:
+        """Like `start`, without waiting until it runs (to kill it at any moment)."""
+        self.proc = Proc(
+            [sys.executable, "-m", "agent", "run", "--config", str(self.config)],
+            self.log,
+            {"EXFILWATCH_LOGLEVEL": "DEBUG"},
+        )
+        return self.proc
+
     def spooled_event_ids(self) -> list[str]:
         """Every event id the agent spooled, from its debug log ("spooled event <id> ...")."""
         ids = []
