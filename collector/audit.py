@@ -98,8 +98,8 @@ def _check_batch(
         elif original != stored:
             fields = [
                 name
-                for name in stored.__dataclass_fields__
-                if getattr(stored, name) != getattr(original, name)
+                for name, mine, theirs in zip(stored._fields, stored, original, strict=True)
+                if mine != theirs
             ]
             yield Finding(
                 agent_id, seq, stored.event_id, f"stored event differs from signed: {fields}"

@@ -52,6 +52,9 @@ class Ingestor:
             batch = verify_batch(
                 signed=(body, signature, key_id), tls_agent_id=tls_agent_id, agent=agent, last=head
             )
+            # Build the rows before queueing for the lock: batches from other agents are
+            # stored meanwhile (SQLite releases the GIL while it works).
+            prepared = self._store.prepare(batch)
             with self._lock:
                 engine = self._engine
 
@@ -59,7 +62,7 @@ class Ingestor:
                     return engine.feed(event, now_ns)
 
                 try:
-                    result = self._store.store_batch(batch, decide, now_ns)
+                    result = self._store.store_batch(prepared, decide, now_ns)
                 except Exception:
                     # The transaction rolled back; the engine may have seen events that
                     # are not stored. Rebuild it from what is.

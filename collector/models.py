@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import NewType
+from typing import NamedTuple, NewType
 
 AgentId = NewType("AgentId", str)
 EventId = NewType("EventId", str)
@@ -57,9 +57,14 @@ class DeviceView:
     mount_point: bytes = b""
 
 
-@dataclass(frozen=True)
-class StoredEvent:
-    """An event whose batch verified; what the store keeps and the rules see."""
+class StoredEvent(NamedTuple):
+    """An event whose batch verified; what the store keeps and the rules see.
+
+    Immutable like the other values here, but a NamedTuple rather than a frozen
+    dataclass: one is built for every event ingested, and a frozen dataclass's
+    __init__ (one object.__setattr__ per field) costs about 7 us for these 23 fields
+    against 1 us here. Fields are in the order of the store's events columns.
+    """
 
     event_id: EventId
     agent_id: AgentId

@@ -5,12 +5,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sqlite3
 from base64 import b64decode
 from binascii import b2a_base64
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from collector.errors import StoreError
@@ -54,6 +56,11 @@ _EVIDENCE_IDS = (
 )
 _FETCH = 1000
 
+_COLUMNS = [c.strip() for c in EVENT_COLUMNS.split(",")]
+_PROCESS, _DEVICE = _COLUMNS.index("process_json"), _COLUMNS.index("device_json")
+if [c.removesuffix("_json") for c in _COLUMNS] != list(StoredEvent._fields):
+    raise TypeError("StoredEvent fields and EVENT_COLUMNS differ: update collector.queries")
+
 # SQL text is assembled only from the constant column lists above (hence ruff S608
 # is silenced); every value is a bound parameter.
 _E = ", ".join("e." + c.strip() for c in EVENT_COLUMNS.split(","))
@@ -81,6 +88,10 @@ _ALERTS_IN = f"{_ALERTS} WHERE status = ? ORDER BY alert_id DESC LIMIT ?"
 _ENCODER = json.JSONEncoder(separators=(",", ":"))  # json.dumps(separators=...) builds one per call
 
 
+_str = encode_basestring_ascii
+"""A str as a JSON string literal, the way _ENCODER writes it."""
+
+
 def _b64(data: bytes) -> str:
     return b2a_base64(data, newline=False).decode("ascii")
 
@@ -89,30 +100,26 @@ def _json(value: object) -> str:
     return _ENCODER.encode(value)
 
 
+# process_json and device_json run for nearly every event stored, so they write the JSON
+# themselves: the text is exactly what _json (compact separators, ASCII escapes) makes of
+# the same dict (tests/collector/test_queries_json.py), in a third of the time.
+
+
 def process_json(p: ProcessView) -> str:
     """JSON of a process; paths and arguments are base64 because they need not be UTF-8."""
-    return _json(
-        {
-            "pid": p.pid,
-            "start_time_ns": p.start_time_ns,
-            "exe": _b64(p.exe),
-            "cmdline": [_b64(arg) for arg in p.cmdline],
-            "ppid_chain": list(p.ppid_chain),
-            "name": p.name,
-        }
+    cmdline = ",".join(['"' + _b64(arg) + '"' for arg in p.cmdline])
+    ppids = ",".join([str(int(pid)) for pid in p.ppid_chain])
+    return (
+        f'{{"pid":{int(p.pid)},"start_time_ns":{int(p.start_time_ns)},"exe":"{_b64(p.exe)}",'
+        f'"cmdline":[{cmdline}],"ppid_chain":[{ppids}],"name":{_str(p.name)}}}'
     )
 
 
 def device_json(d: DeviceView) -> str:
-    return _json(
-        {
-            "vendor": d.vendor,
-            "model": d.model,
-            "serial": d.serial,
-            "fs_uuid": d.fs_uuid,
-            "fs_type": d.fs_type,
-            "mount_point": _b64(d.mount_point),
-        }
+    return (
+        f'{{"vendor":{_str(d.vendor)},"model":{_str(d.model)},"serial":{_str(d.serial)},'
+        f'"fs_uuid":{_str(d.fs_uuid)},"fs_type":{_str(d.fs_type)},'
+        f'"mount_point":"{_b64(d.mount_point)}"}}'
     )
 
 
@@ -124,8 +131,10 @@ def group_json(group: GroupKey) -> str:
 def event_rows(events: Sequence[StoredEvent]) -> Iterator[tuple[object, ...]]:
     """The events-table rows of events, in EVENT_COLUMNS order.
 
-    A process or device shared by several events (the codec shares equal ones within a
-    batch) is serialised once; `events` keeps them alive, so their ids stay unique.
+    A StoredEvent's fields are the columns in order, with process and device where the
+    row has their JSON. A process or device shared by several events (the codec shares
+    equal ones within a batch) is serialised once; `events` keeps them alive, so their
+    ids stay unique.
     """
     texts: dict[int, str | None] = {id(None): None}
     for ev in events:
@@ -136,20 +145,14 @@ def event_rows(events: Sequence[StoredEvent]) -> Iterator[tuple[object, ...]]:
         d_json = texts.get(id(d))
         if d_json is None and d is not None:
             d_json = texts[id(d)] = device_json(d)
-        yield (
-            ev.event_id, ev.agent_id, ev.batch_seq, ev.seq, ev.observed_at_ns, ev.action,
-            ev.host, ev.user, ev.label, ev.label_source, ev.source_path, ev.source_size,
-            ev.source_sha256, ev.dest_path, ev.dest_size, ev.dest_sha256,
-            ev.destination_class, ev.detection, ev.attribution, p_json, d_json,
-            ev.gap_reason, ev.gap_count,
-        )  # fmt: skip
+        yield (*ev[:_PROCESS], p_json, d_json, *ev[_DEVICE + 1 :])
 
 
 def event_from_row(row: Any) -> StoredEvent:
-    """Inverse of `event_row`."""
+    """Inverse of `event_rows`; columns after EVENT_COLUMNS (e.g. a rowid) are ignored."""
     process = device = None
-    if row[19] is not None:
-        p = json.loads(row[19])
+    if row[_PROCESS] is not None:
+        p = json.loads(row[_PROCESS])
         process = ProcessView(
             pid=p["pid"],
             start_time_ns=p["start_time_ns"],
@@ -158,8 +161,8 @@ def event_from_row(row: Any) -> StoredEvent:
             ppid_chain=tuple(p["ppid_chain"]),
             name=p["name"],
         )
-    if row[20] is not None:
-        d = json.loads(row[20])
+    if row[_DEVICE] is not None:
+        d = json.loads(row[_DEVICE])
         device = DeviceView(
             vendor=d["vendor"],
             model=d["model"],
@@ -168,14 +171,7 @@ def event_from_row(row: Any) -> StoredEvent:
             fs_type=d["fs_type"],
             mount_point=b64decode(d["mount_point"]),
         )
-    return StoredEvent(
-        event_id=EventId(row[0]), agent_id=AgentId(row[1]), batch_seq=row[2], seq=row[3],
-        observed_at_ns=row[4], action=row[5], host=row[6], user=row[7], label=row[8],
-        label_source=row[9], source_path=row[10], source_size=row[11], source_sha256=row[12],
-        dest_path=row[13], dest_size=row[14], dest_sha256=row[15], destination_class=row[16],
-        detection=row[17], attribution=row[18], process=process, device=device,
-        gap_reason=row[21], gap_count=row[22],
-    )  # fmt: skip
+    return StoredEvent._make((*row[:_PROCESS], process, device, *row[_DEVICE + 1 : len(_COLUMNS)]))
 
 
 def alert_from_row(row: Any) -> AlertRecord:
@@ -282,18 +278,63 @@ _INSERT_ALERT = (
     " VALUES (?, ?, ?, ?, 'new', ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _ATTACH = "INSERT OR IGNORE INTO alert_events (alert_id, event_id) VALUES (?, ?)"
+_ATTACH_MANY = "INSERT OR IGNORE INTO alert_events (alert_id, event_id) VALUES"
+_INSERT_EVENTS = f"INSERT INTO events ({EVENT_COLUMNS}) VALUES"
+_GROW = (
+    "UPDATE alerts SET files = files + ?, bytes = bytes + ?, first_ns = min(first_ns, ?),"
+    " last_ns = max(last_ns, ?), hot_until_ns = max(hot_until_ns, ?),"
+    " updated_at_ns = ? WHERE alert_id = ?"
+)
 
 
-def insert_new_events(con: sqlite3.Connection, batch: VerifiedBatch) -> tuple[StoredEvent, ...]:
+def insert_rows(
+    con: sqlite3.Connection, head: str, rows: Sequence[tuple[object, ...]], width: int
+) -> None:
+    """Run `head` ("INSERT ... VALUES") over rows of `width` values, many rows a statement.
+
+    Not executemany: the sqlite3 module releases the GIL around each statement step, once
+    per row there, and takes it back before the next row. While other threads run Python
+    (the next batches being decoded), every take-back can wait a switch interval: measured
+    on the 2-core box, 500-row transactions of events fell from 12k rows/s alone to 650
+    beside one busy thread. A multi-row INSERT steps once per chunk; the rows inserted
+    and their order are the same.
+    """
+    if not rows:
+        return
+    limit = con.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    chunk = max(1, min(_MAX_INSERT_ROWS, limit // width))
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        con.execute(_multi_row(head, width, len(part)), [v for row in part for v in row])
+
+
+_MAX_INSERT_ROWS = 500
+
+
+@functools.lru_cache(maxsize=32)
+def _multi_row(head: str, width: int, n_rows: int) -> str:
+    one = "(" + ", ".join("?" * width) + ")"
+    return f"{head} {', '.join([one] * n_rows)}"
+
+
+def insert_events(con: sqlite3.Connection, rows: Sequence[tuple[object, ...]]) -> None:
+    """Insert events-table rows (`event_rows`), in order."""
+    insert_rows(con, _INSERT_EVENTS, rows, len(_COLUMNS))
+
+
+def insert_new_events(
+    con: sqlite3.Connection, batch: VerifiedBatch, rows: Sequence[tuple[object, ...]]
+) -> tuple[StoredEvent, ...]:
     """Insert the batch's events whose ids are not stored yet; return those.
 
-    Ids already stored (an agent that re-sent events under a new batch_seq) are rare:
-    try the plain insert first and look for them only when it hits the unique key.
+    `rows` are the batch's `event_rows`, in event order. Ids already stored (an agent that
+    re-sent events under a new batch_seq) are rare: try the plain insert first and look
+    for them only when it hits the unique key.
     """
     events = batch.events
     con.execute("SAVEPOINT new_events")
     try:
-        con.executemany(INSERT_EVENT, event_rows(events))
+        insert_events(con, rows)
     except sqlite3.IntegrityError:
         con.execute("ROLLBACK TO new_events")
         ids = json.dumps([ev.event_id for ev in events])
@@ -304,7 +345,7 @@ def insert_new_events(con: sqlite3.Connection, batch: VerifiedBatch) -> tuple[St
             batch.agent_id, batch.batch_seq, len(seen),
         )  # fmt: skip
         events = tuple(ev for ev in events if ev.event_id not in seen)
-        con.executemany(INSERT_EVENT, event_rows(events))
+        insert_events(con, [row for row in rows if row[0] not in seen])
     con.execute("RELEASE new_events")
     return events
 
@@ -324,7 +365,7 @@ def open_alert(con: sqlite3.Connection, d: AlertOpened, agent_id: str, now_ns: i
          now_ns, now_ns, d.files, d.bytes, d.first_ns, d.last_ns, d.hot_until_ns, agent_id),
     )  # fmt: skip
     alert_id = AlertId(cur.lastrowid or 0)
-    con.executemany(_ATTACH, [(alert_id, event_id) for event_id in d.evidence])
+    insert_rows(con, _ATTACH_MANY, [(alert_id, event_id) for event_id in d.evidence], 2)
     logger.info("alert %d opened: rule %s, %d files", alert_id, d.rule, d.files)
     return alert_id
 
@@ -351,12 +392,89 @@ def add_evidence(
     else:
         observed_ns, size = ev.observed_at_ns, ev.size
     added = con.execute(_ATTACH, (alert_id, d.event_id)).rowcount
-    con.execute(
-        "UPDATE alerts SET files = files + ?, bytes = bytes + ?, first_ns = min(first_ns, ?),"
-        " last_ns = max(last_ns, ?), hot_until_ns = max(hot_until_ns, ?),"
-        " updated_at_ns = ? WHERE alert_id = ?",
-        (added, size * added, observed_ns, observed_ns, d.hot_until_ns, now_ns, alert_id),
-    )
+    grow = (added, size * added, observed_ns, observed_ns, d.hot_until_ns, now_ns, alert_id)
+    con.execute(_GROW, grow)
+
+
+class AlertWriter:
+    """Writes the threshold decisions of one batch's transaction.
+
+    Evidence for the batch's own events (nearly all of it) is gathered and written by
+    `flush`: one executemany of links and one UPDATE per alert, where `add_evidence` runs
+    three statements per event. The same rows result: an alert's totals grow by sums,
+    minima and maxima, which do not depend on the order they are folded in, and a link
+    made earlier in this transaction is not counted twice (as INSERT OR IGNORE would not).
+    Evidence for older events (a late event made them hot) goes through `add_evidence`.
+    """
+
+    def __init__(
+        self,
+        con: sqlite3.Connection,
+        agent_id: str,
+        now_ns: int,
+        new_events: Mapping[str, StoredEvent],
+    ) -> None:
+        self._con = con
+        self._agent_id = agent_id
+        self._now_ns = now_ns
+        self._new = new_events
+        """Events inserted by this transaction: none of them is linked to an alert yet."""
+        self._alerts: dict[tuple[str, GroupKey], AlertId | None] = {}
+        """What _FIND_ALERT answers per (rule, group); only `open` changes that here."""
+        self._linked: set[tuple[AlertId, str]] = set()
+        self._links: list[tuple[AlertId, str]] = []
+        self._totals: dict[AlertId, list[int]] = {}
+        """alert -> [files, bytes, first_ns, last_ns, hot_until_ns] to add."""
+        self.opened: list[AlertId] = []
+
+    def open(self, d: AlertOpened) -> AlertId:
+        alert_id = open_alert(self._con, d, self._agent_id, self._now_ns)
+        # The newest open alert of its group from now on, which is what _FIND_ALERT prefers.
+        self._alerts[d.rule, d.group] = alert_id
+        self._linked.update((alert_id, event_id) for event_id in d.evidence)
+        self.opened.append(alert_id)
+        return alert_id
+
+    def add(self, d: EvidenceAdded) -> None:
+        ev = self._new.get(d.event_id)
+        if ev is None:
+            add_evidence(self._con, d, None, self._now_ns)
+            return
+        key = (d.rule, d.group)
+        if key in self._alerts:
+            alert_id = self._alerts[key]
+        else:
+            params = (AlertKind.THRESHOLD.value, d.rule, group_json(d.group))
+            found = self._con.execute(_FIND_ALERT, params).fetchone()
+            alert_id = self._alerts[key] = None if found is None else AlertId(found[0])
+        if alert_id is None:
+            logger.warning("evidence %s for rule %s has no alert; dropped", d.event_id, d.rule)
+            return
+        link = (alert_id, d.event_id)
+        added = link not in self._linked
+        if added:
+            self._linked.add(link)
+            self._links.append(link)
+        t, size = ev.observed_at_ns, ev.size if added else 0
+        totals = self._totals.get(alert_id)
+        if totals is None:
+            self._totals[alert_id] = [int(added), size, t, t, d.hot_until_ns]
+        else:
+            totals[0] += added
+            totals[1] += size
+            totals[2] = min(totals[2], t)
+            totals[3] = max(totals[3], t)
+            totals[4] = max(totals[4], d.hot_until_ns)
+
+    def flush(self) -> None:
+        """Write the gathered evidence; call once, after the last decision."""
+        insert_rows(self._con, _ATTACH_MANY, self._links, 2)
+        self._con.executemany(
+            _GROW,
+            [(*totals, self._now_ns, alert_id) for alert_id, totals in self._totals.items()],
+        )
+        self._links.clear()
+        self._totals.clear()
 
 
 def security_alert(

@@ -11,6 +11,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, assert_never
 
@@ -32,6 +33,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "AgentRecord",
     "AlertRecord",
+    "PreparedBatch",
     "SqliteStore",
     "StoreResult",
     "StoredBatch",
@@ -92,24 +94,50 @@ _TOUCH = (  # a None leaves the column as it is
     " cert_serial = coalesce(?, cert_serial) WHERE agent_id = ?"
 )
 
-_BACKSTOP_PAGES = 16384  # 64 MiB of WAL
+BACKSTOP_PAGES = 16384
+"""wal_autocheckpoint of the writer once the checkpointer runs: 64 MiB of WAL."""
+WRITER_CACHE_KIB = 64 * 1024
+"""Page cache of the writing connection. Ingest inserts land on random pages of the
+event-id and user indexes, which outgrow SQLite's default 2 MiB cache after some 50k
+events; each miss is then a read from the OS (about 5% of ingest time at 150k events)."""
+CHECKPOINT_EVERY_S = 0.25
+"""Least time between two background checkpoints (see `_checkpoint_loop`)."""
 
 Decide = Callable[[StoredEvent], list[ThresholdDecision]]
+
+
+def connection_pragmas(synchronous: str, *, writer: bool) -> tuple[str, ...]:
+    """The PRAGMAs the store runs on each new connection (bench/ingest.py mirrors them)."""
+    pragmas = (
+        "PRAGMA journal_mode = WAL",
+        f"PRAGMA synchronous = {synchronous}",
+        "PRAGMA foreign_keys = ON",
+    )
+    return (*pragmas, f"PRAGMA cache_size = -{WRITER_CACHE_KIB}") if writer else pragmas
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """A verified batch and its events-table rows (`SqliteStore.prepare`)."""
+
+    batch: VerifiedBatch
+    rows: tuple[tuple[object, ...], ...]
+    """One row per event, in event order and EVENT_COLUMNS order."""
 
 
 class SqliteStore:
     """The collector's database (SQLite, WAL, foreign keys on); safe to share between threads.
 
-    Durability: WAL with synchronous=NORMAL (the default) keeps every commit through a
-    crash or kill of the collector process, and the database is never corrupted; but
-    an OS crash or power loss can lose the commits made since the WAL was last synced
-    (at each checkpoint), i.e. batches already acknowledged, which the agent has
-    dropped from its spool. synchronous="FULL" syncs the WAL on every commit (one
-    fsync per batch of events) and makes every acknowledgement survive power loss.
+    Durability: synchronous="FULL" (the default, and what `serve` uses) syncs the WAL on
+    every commit (one fsync per batch of events), so every acknowledgement survives power
+    loss: the agent deletes a batch once it is acknowledged. "NORMAL" keeps every commit
+    through a crash or kill of the collector process, and the database is never
+    corrupted, but an OS crash or power loss can lose the commits made since the WAL was
+    last synced (at each checkpoint), i.e. batches already acknowledged and dropped.
     """
 
     def __init__(
-        self, path: str | Path, *, synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+        self, path: str | Path, *, synchronous: Literal["NORMAL", "FULL"] = "FULL"
     ) -> None:
         self._path = str(path)
         self._synchronous = synchronous
@@ -119,8 +147,9 @@ class SqliteStore:
         self._readers: list[sqlite3.Connection] = []
         self._closed = False
         self._checkpoint_wanted = threading.Event()
+        self._stopping = threading.Event()
         self._checkpointer: threading.Thread | None = None
-        self._writer = self._connect()
+        self._writer = self._connect(writer=True)
         try:
             self._create_schema()
         except BaseException:
@@ -143,7 +172,7 @@ class SqliteStore:
 
     @classmethod
     def open(
-        cls, path: str | Path, *, synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+        cls, path: str | Path, *, synchronous: Literal["NORMAL", "FULL"] = "FULL"
     ) -> SqliteStore:
         """Open (creating if needed) the database at `path`."""
         return cls(path, synchronous=synchronous)
@@ -158,6 +187,7 @@ class SqliteStore:
         """Stop the checkpointer and close every connection; the store is unusable afterwards."""
         with self._lock:
             self._closed = True
+        self._stopping.set()
         self._checkpoint_wanted.set()
         if self._checkpointer is not None:
             self._checkpointer.join()
@@ -168,15 +198,14 @@ class SqliteStore:
 
     # -- connections ---------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, *, writer: bool = False) -> sqlite3.Connection:
         try:
             # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE below).
             con = sqlite3.connect(
                 self._path, timeout=10.0, isolation_level=None, check_same_thread=False
             )
-            con.execute("PRAGMA journal_mode = WAL")
-            con.execute(f"PRAGMA synchronous = {self._synchronous}")
-            con.execute("PRAGMA foreign_keys = ON")
+            for pragma in connection_pragmas(self._synchronous, writer=writer):
+                con.execute(pragma)
         except sqlite3.Error as e:
             raise StoreError(f"cannot open database {self._path}: {e}") from e
         return con
@@ -225,7 +254,7 @@ class SqliteStore:
                     return
                 con = self._connect()
                 # Backstop only: the writer checkpoints itself if this thread falls behind.
-                self._writer.execute(f"PRAGMA wal_autocheckpoint = {_BACKSTOP_PAGES}")
+                self._writer.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_PAGES}")
                 self._checkpointer = threading.Thread(
                     target=self._checkpoint_loop, args=(con,), name="sqlite-checkpoint", daemon=True
                 )
@@ -243,6 +272,10 @@ class SqliteStore:
                     con.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 except sqlite3.Error as e:
                     logger.warning("WAL checkpoint failed: %s", e)
+                # Commits made meanwhile wait for the next round: a checkpoint copies each
+                # page once however often it was rewritten, and ingest rewrites the same
+                # index pages batch after batch (random event ids and users).
+                self._stopping.wait(CHECKPOINT_EVERY_S)
         finally:
             con.close()
 
@@ -352,7 +385,14 @@ class SqliteStore:
         with self._read() as con:
             return _head(con, agent_id)
 
-    def store_batch(self, batch: VerifiedBatch, decide: Decide, now_ns: int) -> StoreResult:
+    @staticmethod
+    def prepare(batch: VerifiedBatch) -> PreparedBatch:
+        """The batch with its events-table rows built; pure, so callers can do it unlocked."""
+        return PreparedBatch(batch, tuple(queries.event_rows(batch.events)))
+
+    def store_batch(
+        self, batch: VerifiedBatch | PreparedBatch, decide: Decide, now_ns: int
+    ) -> StoreResult:
         """Store a verified batch, its new events and the alerts they cause, atomically.
 
         A byte-identical replay returns duplicate=True and stores nothing; the same
@@ -360,6 +400,8 @@ class SqliteStore:
         store's write lock for each newly stored event (ids seen in an earlier batch are
         skipped); if it raises, nothing of the batch is stored.
         """
+        prepared = batch if isinstance(batch, PreparedBatch) else self.prepare(batch)
+        batch = prepared.batch
         key = (batch.agent_id, batch.batch_seq)
         with self._write() as con:
             sql = "SELECT digest FROM batches WHERE agent_id = ? AND batch_seq = ?"
@@ -382,22 +424,23 @@ class SqliteStore:
                 (*key, batch.digest, batch.prev_digest, batch.body, batch.signature,
                  batch.key_id, now_ns),
             )  # fmt: skip
-            events = queries.insert_new_events(con, batch)
+            events = queries.insert_new_events(con, batch, prepared.rows)
             sql = "UPDATE agents SET last_seen_ns = max(last_seen_ns, ?) WHERE agent_id = ?"
             con.execute(sql, (now_ns, batch.agent_id))
-            opened: list[AlertId] = []
-            by_id = {ev.event_id: ev for ev in events}
+            writer = queries.AlertWriter(
+                con, batch.agent_id, now_ns, {ev.event_id: ev for ev in events}
+            )
             for ev in events:
                 for decision in decide(ev):
                     if isinstance(decision, AlertOpened):
-                        opened.append(queries.open_alert(con, decision, batch.agent_id, now_ns))
+                        writer.open(decision)
                     elif isinstance(decision, EvidenceAdded):
-                        evidence = by_id.get(decision.event_id)
-                        queries.add_evidence(con, decision, evidence, now_ns)
+                        writer.add(decision)
                     else:
                         assert_never(decision)
+            writer.flush()
         self._checkpoint_soon()
-        return StoreResult(duplicate=False, events_stored=len(events), alerts_opened=opened)
+        return StoreResult(duplicate=False, events_stored=len(events), alerts_opened=writer.opened)
 
     def record_security_alert(
         self, agent_id: str, reason_kind: str, message: str, now_ns: int

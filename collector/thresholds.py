@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import Iterable, Iterator
+import operator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Final, assert_never
+from typing import Final, NamedTuple, assert_never
 
 from collector.models import (
     AlertOpened,
@@ -24,6 +25,9 @@ from collector.policy import Dimension, Policy, Rule
 
 logger = logging.getLogger(__name__)
 
+_MATCH_CACHE: Final = 4096
+"""Most (label rank, action, destination class) combinations whose matching rules are kept."""
+
 _VERBS: Final = MappingProxyType(
     {"copy": "copied", "move": "moved", "write": "wrote", "delete": "deleted", "rename": "renamed"}
 )
@@ -31,24 +35,40 @@ _VERBS: Final = MappingProxyType(
 
 def group_key(rule: Rule, event: StoredEvent) -> GroupKey:
     """The event's group under `rule`, e.g. (("user", "alice"), ("host", "lt-0412"))."""
-    return tuple((dim.value, _dimension_value(dim, event)) for dim in rule.group_by)
+    return tuple((dim.value, _GETTERS[dim](event)) for dim in rule.group_by)
 
 
-def _dimension_value(dim: Dimension, event: StoredEvent) -> str:
+def _getter(dim: Dimension) -> Callable[[StoredEvent], str]:
     match dim:
         case Dimension.USER:
-            return event.user
+            return operator.attrgetter("user")
         case Dimension.HOST:
-            return event.host
+            return operator.attrgetter("host")
         case Dimension.DESTINATION:
-            return event.destination_key
+            return operator.attrgetter("destination_key")
         case _:
             assert_never(dim)
 
 
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    """What the engine keeps of one matching event."""
+_GETTERS: Final[Mapping[Dimension, Callable[[StoredEvent], str]]] = MappingProxyType(
+    {dim: _getter(dim) for dim in Dimension}
+)
+
+
+def _keyer(rule: Rule) -> Callable[[StoredEvent], GroupKey]:
+    """`group_key` for one rule, with the dimension names and getters looked up once."""
+    parts = tuple((dim.value, _GETTERS[dim]) for dim in rule.group_by)
+    if len(parts) == 1:
+        ((name, get),) = parts
+        return lambda event: ((name, get(event)),)
+    if len(parts) == 2:
+        (name1, get1), (name2, get2) = parts
+        return lambda event: ((name1, get1(event)), (name2, get2(event)))
+    return lambda event: tuple((name, get(event)) for name, get in parts)
+
+
+class _Entry(NamedTuple):
+    """What the engine keeps of one matching event (built once per event, shared by rules)."""
 
     t: int
     event_id: EventId
@@ -84,20 +104,28 @@ class _Group:
     """Sorted by first_hot_ns; their [first_hot_ns, hot_until_ns) never overlap."""
     last_fed_ns: int | None = None
 
-    def insert(self, entry: _Entry) -> None:
-        i = len(self.entries)
-        if i and (self.times[-1], self.entries[-1].event_id) > (entry.t, entry.event_id):
-            i = bisect.bisect(self.entries, (entry.t, entry.event_id), key=_order)
+    def insert(self, entry: _Entry) -> bool:
+        """Insert in (time, id) order; True when the entry went last (in-order delivery)."""
+        t = entry.t
+        self.ids.add(entry.event_id)
+        if not self.times or self.times[-1] < t or _order(self.entries[-1]) < _order(entry):
+            self.entries.append(entry)
+            self.times.append(t)
+            self.prefix.append(self.prefix[-1] + entry.size)
+            return True
+        i = bisect.bisect(self.entries, _order(entry), key=_order)
         self.entries.insert(i, entry)
-        self.times.insert(i, entry.t)
+        self.times.insert(i, t)
         self.prefix.insert(i + 1, self.prefix[i] + entry.size)
         for j in range(i + 2, len(self.prefix)):
             self.prefix[j] += entry.size
-        self.ids.add(entry.event_id)
+        return False
 
     def drop_before(self, index: int) -> None:
         if index > 0:
-            self.ids.difference_update(e.event_id for e in self.entries[:index])
+            ids = self.ids
+            for e in self.entries[:index]:
+                ids.discard(e.event_id)
             del self.entries[:index], self.times[:index], self.prefix[:index]
 
     def bounds(self, end_ns: int, window_ns: int) -> tuple[int, int]:
@@ -117,6 +145,16 @@ class _Group:
             by_bytes = self.times[k] + rule.window_ns
             until = by_bytes if until is None else max(until, by_bytes)
         return until
+
+    def crosses_at_newest(self, rule: Rule) -> bool:
+        """Whether the window ending at the newest retained event crosses the threshold."""
+        times = self.times
+        n = len(times)
+        start = bisect.bisect_right(times, times[-1] - rule.window_ns)
+        files, size = rule.threshold.files, rule.threshold.bytes
+        return (files is not None and n - start >= files) or (
+            size is not None and self.prefix[n] - self.prefix[start] >= size
+        )
 
     def ends(self, from_ns: int, before_ns: int) -> Iterator[int]:
         """Distinct retained event times in [from_ns, before_ns), ascending."""
@@ -178,38 +216,71 @@ class ThresholdEngine:
             {rule.name: policy.label_rank(rule.match.min_label) for rule in policy.rules}
         )
         self._groups: dict[tuple[str, GroupKey], _Group] = {}
+        self._keyers = MappingProxyType({rule.name: _keyer(rule) for rule in policy.rules})
+        self._matching: dict[tuple[int, str, str], tuple[Rule, ...]] = {}
+        """Rules matching (label rank, action, destination class), filled as seen."""
+
+    def rules_for(self, label: str, action: str, destination_class: str) -> tuple[Rule, ...]:
+        """The rules an event with these fields matches, in policy order; () for most events.
+
+        Cheap (one or two dict lookups), so callers can skip events no rule counts."""
+        rank = self._policy.label_rank(label)
+        if rank is None:
+            return ()
+        return self._rules_for(rank, action, destination_class)
+
+    def _rules_for(self, rank: int, action: str, destination_class: str) -> tuple[Rule, ...]:
+        key = (rank, action, destination_class)
+        rules = self._matching.get(key)
+        if rules is None:
+            rules = tuple(
+                rule
+                for rule in self._policy.rules
+                if (min_rank := self._min_rank[rule.name]) is not None
+                and rank >= min_rank
+                and action in rule.match.actions
+                and destination_class in rule.match.destinations
+            )
+            if len(self._matching) < _MATCH_CACHE:  # actions and classes are few; be sure
+                self._matching[key] = rules
+        return rules
 
     def feed(self, event: StoredEvent, now_ns: int) -> list[ThresholdDecision]:
         """Account one stored event under every rule it matches; return the decisions."""
         rank = self._policy.label_rank(event.label)
         if rank is None:
             return []
+        rules = self._rules_for(rank, event.action, event.destination_class)
+        if not rules:
+            return []
+        entry = _Entry(
+            event.observed_at_ns,
+            event.event_id,
+            event.size,
+            rank,
+            event.action,
+            event.destination_class,
+        )
         decisions: list[ThresholdDecision] = []
-        for rule in self._policy.rules:
-            min_rank = self._min_rank[rule.name]
-            if (
-                min_rank is None
-                or rank < min_rank
-                or event.action not in rule.match.actions
-                or event.destination_class not in rule.match.destinations
-            ):
+        groups = self._groups
+        for rule in rules:
+            key = self._keyers[rule.name](event)
+            group = groups.get((rule.name, key))
+            if group is None:
+                group = groups[rule.name, key] = _Group()
+            elif entry.event_id in group.ids:
                 continue
-            key = group_key(rule, event)
-            group = self._groups.setdefault((rule.name, key), _Group())
-            if event.event_id in group.ids:
-                continue
-            entry = _Entry(
-                event.observed_at_ns,
-                event.event_id,
-                event.size,
-                rank,
-                event.action,
-                event.destination_class,
-            )
-            group.insert(entry)
+            appended = group.insert(entry)
             if group.last_fed_ns is None or group.last_fed_ns < now_ns:
                 group.last_fed_ns = now_ns
-            decisions.extend(self._evaluate(rule, key, group, entry))
+            # Most events arrive in order in a group that is not hot and stays so: nothing
+            # to decide (what _evaluate would find, in a fraction of the time).
+            if appended and not group.episodes and not group.crosses_at_newest(rule):
+                self._prune(rule, group, now_ns)
+                continue
+            decided = self._evaluate(rule, key, group, entry, appended)
+            if decided:
+                decisions.extend(decided)
             self._prune(rule, group, now_ns)
         return decisions
 
@@ -260,15 +331,21 @@ class ThresholdEngine:
         return sum(len(g.entries) + len(g.episodes) for g in self._groups.values())
 
     def _evaluate(
-        self, rule: Rule, key: GroupKey, group: _Group, entry: _Entry
+        self, rule: Rule, key: GroupKey, group: _Group, entry: _Entry, appended: bool
     ) -> list[ThresholdDecision]:
-        """Re-evaluate the windows `entry` joined; decide for it and any event it made hot."""
+        """Re-evaluate the windows `entry` joined; decide for it and any event it made hot.
+
+        `appended`: the entry is the group's newest, so the only window it joined that ends
+        at a retained event is the one ending at its own time."""
         window = rule.window_ns
         old_spans = [(ep.first_hot_ns - window, ep.hot_until_ns) for ep in group.episodes]
-        for end_ns in group.ends(entry.t, entry.t + window):
+        crossed = False
+        ends = (entry.t,) if appended else group.ends(entry.t, entry.t + window)
+        for end_ns in ends:
             until = group.hot_until(end_ns, rule)
             if until is None:
                 continue
+            crossed = True
             eps = group.episodes
             index = bisect.bisect_right(eps, end_ns, key=lambda ep: ep.first_hot_ns)
             if index and end_ns <= eps[index - 1].hot_until_ns:
@@ -280,6 +357,14 @@ class ThresholdEngine:
             eps[index].hot_until_ns = max(eps[index].hot_until_ns, until)
             group.fold(index)
 
+        if not crossed:
+            # No episode moved and none is fresh (fresh ones are emitted in the call that
+            # made them): only the entry itself can be evidence, of a stretch it falls in.
+            cover = group.covering(entry.t, window) if old_spans else None
+            if cover is None:
+                return []
+            return [EvidenceAdded(rule.name, key, entry.event_id, cover.hot_until_ns)]
+
         decisions: list[tuple[int, ThresholdDecision]] = []
         opened: set[EventId] = set()
         for ep in group.episodes:
@@ -290,7 +375,8 @@ class ThresholdEngine:
                 decisions.append((ep.first_hot_ns, alert))
         new_spans = [(ep.first_hot_ns - window, ep.hot_until_ns) for ep in group.episodes]
         candidates = {entry.event_id: entry}
-        candidates.update((e.event_id, e) for e in _newly_covered(group, old_spans, new_spans))
+        if new_spans != old_spans:
+            candidates.update((e.event_id, e) for e in _newly_covered(group, old_spans, new_spans))
         for e in sorted(candidates.values(), key=_order):
             cover = group.covering(e.t, window)
             if cover is not None and e.event_id not in opened:
@@ -301,17 +387,22 @@ class ThresholdEngine:
 
     def _prune(self, rule: Rule, group: _Group, now_ns: int) -> None:
         """Keep only the newest events any window ending at or after the newest one needs."""
-        horizon = min(group.times[-1], now_ns) - rule.window_ns
-        n = len(group.entries)
-        keep_from = bisect.bisect_right(group.times, horizon)
+        times = group.times
+        horizon = min(times[-1], now_ns) - rule.window_ns
+        n = len(times)
+        keep_from = bisect.bisect_right(times, horizon) if times[0] <= horizon else 0
         files, size = rule.threshold.files, rule.threshold.bytes
         budget = 0  # start of the shortest newest run that alone meets a criterion
         if files is not None:
             budget = max(budget, n - files)
-        if size is not None and group.prefix[n] - group.prefix[0] >= size:
-            budget = max(budget, bisect.bisect_right(group.prefix, group.prefix[n] - size) - 1)
+        prefix = group.prefix
+        if size is not None and prefix[n] - prefix[0] >= size:
+            budget = max(budget, bisect.bisect_right(prefix, prefix[n] - size) - 1)
         group.drop_before(max(keep_from, budget))
-        group.episodes = [ep for ep in group.episodes if ep.hot_until_ns > horizon]
+        eps = group.episodes
+        # Episodes are disjoint and sorted, so hot_until_ns ascends: check the oldest first.
+        if eps and eps[0].hot_until_ns <= horizon:
+            group.episodes = [ep for ep in eps if ep.hot_until_ns > horizon]
 
     def _opened(self, rule: Rule, key: GroupKey, group: _Group, ep: _Episode) -> AlertOpened:
         start, end = group.bounds(ep.first_hot_ns, rule.window_ns)

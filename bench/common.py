@@ -1,0 +1,55 @@
+"""Shared pieces of the benches: real collector processes, enrolment, progress output.
+
+The benches are scripts (`.venv/bin/python bench/ingest.py`), so each puts the repository
+root on sys.path before importing this module and `tests.procs`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from tests.procs import ROOT, Collector, run_cli
+
+POLICY = ROOT / "configs" / "policy.yaml"
+
+_T0 = time.monotonic()
+
+
+def progress(message: str) -> None:
+    """One line on stderr (stdout carries only the JSON result)."""
+    sys.stderr.write(f"[{time.monotonic() - _T0:7.1f}s] {message}\n")
+    sys.stderr.flush()
+
+
+def start_collector(tmp: Path, policy: Path = POLICY) -> Collector:
+    """`collector init` + `collector serve` on free loopback ports, data in tmp/collector."""
+    collector = Collector(tmp / "collector", policy, tmp / "collector.log")
+    collector.init()
+    collector.start()
+    return collector
+
+
+def enroll(collector: Collector, state: Path, hostname: str) -> None:
+    """`agent enroll` into `state` with a fresh one-use token."""
+    run_cli(
+        "agent",
+        "enroll",
+        "--collector",
+        collector.enroll,
+        "--token",
+        collector.token(),
+        "--state",
+        str(state),
+        "--hostname",
+        hostname,
+    )
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list (q in 0..100)."""
+    if not sorted_values:
+        raise ValueError("no values")
+    rank = max(1, -(-len(sorted_values) * q // 100))  # ceil(n * q / 100), at least 1
+    return sorted_values[int(rank) - 1]
