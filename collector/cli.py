@@ -24,6 +24,7 @@ from collector.audit import verify_store
 from collector.enroll import Enrollment
 from collector.errors import CollectorError, ConfigError
 from collector.ingest import Ingestor
+from collector.monitor import Monitor
 from collector.policy import load_policy
 from collector.rpc import Handlers
 from collector.server import create_server
@@ -108,7 +109,12 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
+        silent_after = policy.agents.silent_after_ns
+        monitor = Monitor(
+            store, silent_after, time.time_ns, interval_s=min(60.0, silent_after / 4e9)
+        )
         bound.server.start()
+        monitor.start()
         tmp = args.data / (LISTEN_FILE + ".tmp")
         tmp.write_text(json.dumps(addresses) + "\n")
         os.replace(tmp, args.data / LISTEN_FILE)
@@ -120,6 +126,7 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         out.flush()
         stop.wait()
         logger.info("stopping")
+        monitor.stop()
         bound.server.stop(grace=5).wait()
     finally:
         store.close()

@@ -74,7 +74,7 @@ class MonitorStore(Protocol):
     def stopped_cleanly(self, agent_id: str) -> bool: ...
 
     def record_security_alert(
-        self, agent_id: str, reason_kind: str, message: str, now_ns: int
+        self, agent_id: str, reason_kind: str, message: str, now_ns: int, severity: Severity
     ) -> object: ...
 
 
@@ -103,7 +103,7 @@ class Monitor:
         for silence in found:
             # One open alert per agent and kind: the store counts repeats on it.
             self._store.record_security_alert(
-                silence.agent_id, silence.kind.value, silence.reason(now), now
+                silence.agent_id, silence.kind.value, silence.reason(now), now, silence.severity
             )
         return found
 

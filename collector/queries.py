@@ -478,7 +478,12 @@ class AlertWriter:
 
 
 def security_alert(
-    con: sqlite3.Connection, agent_id: str, reason_kind: str, message: str, now_ns: int
+    con: sqlite3.Connection,
+    agent_id: str,
+    reason_kind: str,
+    message: str,
+    now_ns: int,
+    severity: Severity = Severity.HIGH,
 ) -> AlertId:
     """Count the refusal on the open alert of (agent, kind), or open one."""
     group = group_json((("agent", agent_id),))
@@ -493,7 +498,7 @@ def security_alert(
         return AlertId(row[0])
     cur = con.execute(
         _INSERT_ALERT,
-        (*params, Severity.HIGH.value, message, now_ns, now_ns, 0, 0, now_ns, now_ns, 0, agent_id),
+        (*params, severity.value, message, now_ns, now_ns, 0, 0, now_ns, now_ns, 0, agent_id),
     )
     logger.warning("security alert %s for agent %s: %s", reason_kind, agent_id, message)
     return AlertId(cur.lastrowid or 0)

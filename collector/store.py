@@ -22,6 +22,7 @@ from collector.models import (
     AlertOpened,
     EvidenceAdded,
     GroupKey,
+    Severity,
     StoredEvent,
     ThresholdDecision,
     VerifiedBatch,
@@ -69,6 +70,8 @@ CREATE TABLE IF NOT EXISTS events (
     FOREIGN KEY (agent_id, batch_seq) REFERENCES batches (agent_id, batch_seq));
 CREATE INDEX IF NOT EXISTS events_time ON events (observed_at_ns);
 CREATE INDEX IF NOT EXISTS events_user_time ON events (user, observed_at_ns);
+CREATE INDEX IF NOT EXISTS events_lifecycle ON events (agent_id, observed_at_ns)
+    WHERE action IN ('agent_start', 'agent_stop');
 CREATE TABLE IF NOT EXISTS alerts (
     alert_id INTEGER PRIMARY KEY,
     kind TEXT NOT NULL CHECK (kind IN ('threshold', 'security')),
@@ -87,6 +90,10 @@ CREATE TABLE IF NOT EXISTS alert_events (
 CREATE INDEX IF NOT EXISTS alert_events_event ON alert_events (event_id);
 """
 
+_LAST_LIFECYCLE = (  # served by the partial index events_lifecycle
+    "SELECT action FROM events WHERE agent_id = ? AND action IN ('agent_start', 'agent_stop')"
+    " ORDER BY observed_at_ns DESC LIMIT 1"
+)
 _TOUCH = (  # a None leaves the column as it is
     "UPDATE agents SET last_seen_ns = max(last_seen_ns, ?),"
     " agent_version = coalesce(?, agent_version), policy_revision = coalesce(?, policy_revision),"
@@ -443,11 +450,22 @@ class SqliteStore:
         return StoreResult(duplicate=False, events_stored=len(events), alerts_opened=writer.opened)
 
     def record_security_alert(
-        self, agent_id: str, reason_kind: str, message: str, now_ns: int
+        self,
+        agent_id: str,
+        reason_kind: str,
+        message: str,
+        now_ns: int,
+        severity: Severity = Severity.HIGH,
     ) -> AlertId:
         """Raise the security alert for (agent, refusal kind), or count it again while open."""
         with self._write() as con:
-            return queries.security_alert(con, agent_id, reason_kind, message, now_ns)
+            return queries.security_alert(con, agent_id, reason_kind, message, now_ns, severity)
+
+    def stopped_cleanly(self, agent_id: str) -> bool:
+        """Whether the agent's last lifecycle event stored is agent_stop (not a crash)."""
+        with self._read() as con:
+            row = con.execute(_LAST_LIFECYCLE, (agent_id,)).fetchone()
+        return row is not None and row[0] == "agent_stop"
 
     # -- queries -------------------------------------------------------------------
 

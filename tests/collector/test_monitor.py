@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collector.models import AgentId
+from collector.models import AgentId, Severity
 from collector.monitor import Monitor, SilenceKind, silent_agents
 from collector.records import AgentRecord
 
@@ -62,7 +62,9 @@ class FakeStore:
     def stopped_cleanly(self, agent_id: str) -> bool:
         return agent_id in self.stopped
 
-    def record_security_alert(self, agent_id: str, kind: str, message: str, now_ns: int) -> int:
+    def record_security_alert(
+        self, agent_id: str, kind: str, message: str, now_ns: int, severity: Severity
+    ) -> int:
         self.alerts.append((agent_id, kind, message))
         return len(self.alerts)
 
@@ -77,3 +79,35 @@ def test_monitor_records_one_alert_per_silent_agent() -> None:
         monitor.stop()
     assert [s.agent_id for s in found] == ["a"]
     assert [(a, k) for a, k, _ in store.alerts] == [("a", "AgentSilent")]
+
+
+def test_store_tells_a_clean_stop_from_a_crash(tmp_path) -> None:
+    from collector.ingest import Ingestor
+    from collector.policy import load_policy
+    from collector.store import SqliteStore
+    from exfilwatch.v1 import events_pb2
+    from tests.collector.batches import T0, BatchChain, enroll, new_agent
+    from tests.conftest import POLICY
+
+    crashed, stopped = new_agent(), new_agent()
+    with SqliteStore.open(tmp_path / "c.db") as store:
+        ingest = Ingestor(store, load_policy(POLICY))
+        for a, actions in (
+            (crashed, [events_pb2.ACTION_AGENT_START, events_pb2.ACTION_COPY]),
+            (stopped, [events_pb2.ACTION_AGENT_START, events_pb2.ACTION_AGENT_STOP]),
+        ):
+            enroll(store, a)
+            chain = BatchChain(a)
+            events = [chain.events(1, action=action)[0] for action in actions]
+            ingest.upload(chain.next(events).raw, a.agent_id, T0)
+        assert not store.stopped_cleanly(crashed.agent_id)
+        assert store.stopped_cleanly(stopped.agent_id)
+        late = T0 + 3600 * 10**9
+        found = Monitor(store, 5 * MIN, lambda: late, interval_s=3600).check()
+        assert {s.agent_id: s.kind for s in found} == {
+            crashed.agent_id: SilenceKind.CRASHED,
+            stopped.agent_id: SilenceKind.STOPPED,
+        }
+        alerts = {a.agent_id: a for a in store.list_alerts() if a.kind == "security"}
+        assert alerts[crashed.agent_id].severity == "high"
+        assert alerts[stopped.agent_id].severity == "low"
