@@ -297,15 +297,19 @@ def insert_rows(
     (the next batches being decoded), every take-back can wait a switch interval: measured
     on the 2-core box, 500-row transactions of events fell from 12k rows/s alone to 650
     beside one busy thread. A multi-row INSERT steps once per chunk; the rows inserted
-    and their order are the same.
+    and their order are the same. (Such a statement keeps a statement journal to undo
+    itself on a constraint error: the store keeps it in memory, `temp_store`.)
     """
-    if not rows:
-        return
-    limit = con.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-    chunk = max(1, min(_MAX_INSERT_ROWS, limit // width))
+    chunk = rows_per_statement(con, width)
     for start in range(0, len(rows), chunk):
         part = rows[start : start + chunk]
         con.execute(_multi_row(head, width, len(part)), [v for row in part for v in row])
+
+
+def rows_per_statement(con: sqlite3.Connection, width: int) -> int:
+    """Rows `insert_rows` puts in one statement: at most 500, within the variable limit."""
+    limit = con.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    return max(1, min(_MAX_INSERT_ROWS, limit // width))
 
 
 _MAX_INSERT_ROWS = 500
@@ -329,14 +333,18 @@ def insert_new_events(
 
     `rows` are the batch's `event_rows`, in event order. Ids already stored (an agent that
     re-sent events under a new batch_seq) are rare: try the plain insert first and look
-    for them only when it hits the unique key.
+    for them only when it hits the unique key. A single statement undoes itself when it
+    fails; only rows split over several statements need a savepoint.
     """
     events = batch.events
-    con.execute("SAVEPOINT new_events")
+    savepoint = len(rows) > rows_per_statement(con, len(_COLUMNS))
+    if savepoint:
+        con.execute("SAVEPOINT new_events")
     try:
         insert_events(con, rows)
     except sqlite3.IntegrityError:
-        con.execute("ROLLBACK TO new_events")
+        if savepoint:
+            con.execute("ROLLBACK TO new_events")
         ids = json.dumps([ev.event_id for ev in events])
         sql = "SELECT event_id FROM events WHERE event_id IN (SELECT value FROM json_each(?))"
         seen = {row[0] for row in con.execute(sql, (ids,))}
@@ -346,7 +354,8 @@ def insert_new_events(
         )  # fmt: skip
         events = tuple(ev for ev in events if ev.event_id not in seen)
         insert_events(con, [row for row in rows if row[0] not in seen])
-    con.execute("RELEASE new_events")
+    if savepoint:
+        con.execute("RELEASE new_events")
     return events
 
 

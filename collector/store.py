@@ -120,7 +120,11 @@ def connection_pragmas(synchronous: str, *, writer: bool) -> tuple[str, ...]:
         f"PRAGMA synchronous = {synchronous}",
         "PRAGMA foreign_keys = ON",
     )
-    return (*pragmas, f"PRAGMA cache_size = -{WRITER_CACHE_KIB}") if writer else pragmas
+    if not writer:
+        return pragmas
+    # temp_store: the statement journal of a multi-row INSERT (queries.insert_rows) stays in
+    # memory rather than in a temporary file; measured 5-10% of the insert time.
+    return (*pragmas, f"PRAGMA cache_size = -{WRITER_CACHE_KIB}", "PRAGMA temp_store = MEMORY")
 
 
 @dataclass(frozen=True)

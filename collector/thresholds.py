@@ -220,16 +220,8 @@ class ThresholdEngine:
         self._matching: dict[tuple[int, str, str], tuple[Rule, ...]] = {}
         """Rules matching (label rank, action, destination class), filled as seen."""
 
-    def rules_for(self, label: str, action: str, destination_class: str) -> tuple[Rule, ...]:
-        """The rules an event with these fields matches, in policy order; () for most events.
-
-        Cheap (one or two dict lookups), so callers can skip events no rule counts."""
-        rank = self._policy.label_rank(label)
-        if rank is None:
-            return ()
-        return self._rules_for(rank, action, destination_class)
-
     def _rules_for(self, rank: int, action: str, destination_class: str) -> tuple[Rule, ...]:
+        """The rules an event with these fields matches, in policy order; () for most events."""
         key = (rank, action, destination_class)
         rules = self._matching.get(key)
         if rules is None:

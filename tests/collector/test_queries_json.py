@@ -1,15 +1,31 @@
-"""collector.queries: hand-written process and device JSON equal the encoder's; rows round-trip."""
+"""collector.queries: the JSON of processes and devices, event rows, inserting new events."""
 
 from __future__ import annotations
 
 import json
+import sqlite3
 from base64 import b64encode
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from collector.models import AgentId, DeviceView, EventId, ProcessView, StoredEvent
-from collector.queries import device_json, event_from_row, event_rows, process_json
+from collector.models import (
+    AgentId,
+    DeviceView,
+    EventId,
+    ProcessView,
+    StoredEvent,
+    VerifiedBatch,
+)
+from collector.queries import (
+    device_json,
+    event_from_row,
+    event_rows,
+    insert_new_events,
+    process_json,
+)
+from collector.store import SCHEMA
 
 texts = st.text(max_size=40)
 blobs = st.binary(max_size=40)
@@ -83,3 +99,41 @@ def test_rows_round_trip_and_share_the_json_of_shared_views():
     assert rows[0][19] is None
     assert [event_from_row(row) for row in rows] == events
     assert event_from_row((*rows[0], 12345)) == events[0]  # trailing columns are ignored
+
+
+def _batch(events: list[StoredEvent]) -> VerifiedBatch:
+    return VerifiedBatch(
+        agent_id=AgentId("ag"),
+        batch_seq=1,
+        digest=b"d" * 32,
+        prev_digest=bytes(32),
+        sealed_at_ns=0,
+        body=b"",
+        signature=b"",
+        key_id=b"",
+        events=tuple(events),
+    )
+
+
+@pytest.mark.parametrize("variables", [250_000, 100])
+def test_insert_new_events_skips_stored_ids_in_one_statement_or_several(variables):
+    con = sqlite3.connect(":memory:", isolation_level=None)
+    for statement in SCHEMA.split(";"):
+        if statement.strip():
+            con.execute(statement)
+    con.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, variables)  # 100: 4 rows a statement
+    events = [
+        StoredEvent(
+            EventId(f"00000000-0000-4000-8000-{i:012x}"), AgentId("ag"), 1, i, i, "copy", "h", "u"
+        )
+        for i in range(10)
+    ]
+    con.execute("BEGIN")
+    assert insert_new_events(con, _batch(events[7:8]), list(event_rows(events[7:8]))) == (
+        events[7],
+    )
+    stored = insert_new_events(con, _batch(events), list(event_rows(events)))
+    con.execute("COMMIT")
+    assert stored == tuple(events[:7] + events[8:])
+    rows = con.execute("SELECT event_id FROM events ORDER BY seq").fetchall()
+    assert [r[0] for r in rows] == [e.event_id for e in events]
