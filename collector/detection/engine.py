@@ -1,0 +1,433 @@
+"""The long-horizon rule engine: cumulative, baseline and risk rules over a `History`.
+
+Sans-I/O in the sense that matters: time comes from the events, and everything it
+needs to know about the past comes from a `History` (the store in production, a
+list in tests and simulations). It keeps only what DETECTION-RULES §2.3 allows in
+memory: open episodes and one `RiskTracker` per user.
+
+Feed events in the order they were stored (`feed`), after the History can see them.
+Each call returns `Finding`s: an alert opened, escalated, or an event attached as
+evidence to an open one. One open alert per (rule, user); it stays open until an
+analyst closes it (`close`), so a slow leak keeps a single alert whose evidence
+grows as later events arrive. Risk rules also re-arm only after their score fell
+below `rearm_below` x the lowest tier.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+from collector.detection import baseline, cumulative
+from collector.detection.baseline import BaselineRule, DayCount
+from collector.detection.cumulative import CumulativeRule, Tier, WindowEvent
+from collector.detection.risk import RiskConfig, RiskFacts, RiskTracker
+
+logger = logging.getLogger(__name__)
+
+DAY_NS = 86_400 * 1_000_000_000
+HOUR_NS = 3_600 * 1_000_000_000
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Which events a rule sees: label rank at least `min_rank`, these classes and actions."""
+
+    min_rank: int
+    destinations: frozenset[str]
+    actions: frozenset[str] = frozenset({"copy", "move"})
+
+    def matches(self, event: LongEvent) -> bool:
+        return (
+            event.rank >= self.min_rank
+            and event.destination_class in self.destinations
+            and event.action in self.actions
+        )
+
+
+@dataclass(frozen=True)
+class LongEvent:
+    event_id: str
+    user: str
+    ts_ns: int
+    """Event time, already clamped (`eventtime.clamp_event_time`)."""
+    label: str
+    rank: int
+    """The label's rank in the policy; -1 when unlabelled or unknown."""
+    destination_class: str
+    action: str
+    sha256: str
+    size: int
+    path: bytes = b""
+    device: str = ""
+    host: str = ""
+
+    @property
+    def day(self) -> int:
+        return self.ts_ns // DAY_NS
+
+    def window_event(self) -> WindowEvent:
+        return WindowEvent(
+            self.event_id, self.ts_ns, self.sha256, self.size, self.path, self.device
+        )
+
+
+class History(Protocol):
+    """What the engine asks the store. Every method is a bounded query."""
+
+    def window(
+        self, user: str, selector: Selector, after_ns: int, until_ns: int
+    ) -> list[WindowEvent]:
+        """The user's matching events with after < ts <= until."""
+        ...
+
+    def days(self, user: str, selector: Selector, first_day: int, last_day: int) -> list[DayCount]:
+        """Per day in [first, last]: distinct matching documents; was the user active."""
+        ...
+
+    def rates(self, selector: Selector, first_day: int, last_day: int) -> Mapping[str, float]:
+        """Every user's matching documents per active day over [first, last]."""
+        ...
+
+    def department(self, user: str) -> str | None: ...
+
+    def watchlists(self, user: str) -> frozenset[str]: ...
+
+    def seen_device(self, user: str, device: str, after_ns: int, before_ns: int) -> bool:
+        """The user copied to this device (or folder) in (after, before)."""
+        ...
+
+    def gap_near(self, host: str, after_ns: int, until_ns: int) -> bool:
+        """The host reported a coverage gap in (after, until]."""
+        ...
+
+
+class RuleKind(StrEnum):
+    CUMULATIVE = "cumulative"
+    BASELINE = "baseline"
+    RISK = "risk"
+
+
+@dataclass(frozen=True)
+class LongRule:
+    """One rule of the policy with its selector; exactly one of the three cores is set."""
+
+    name: str
+    selector: Selector
+    cumulative: CumulativeRule | None = None
+    baseline: BaselineRule | None = None
+    baseline_severity: str = "medium"
+    risk: RiskConfig | None = None
+    off_hours: tuple[int, int] = (7, 19)
+    """Working hours [start, end) in the organisation's zone (UTC here); outside is off-hours."""
+    indicator_lookback_ns: int = 90 * DAY_NS
+    gap_within_ns: int = 10 * 60 * 1_000_000_000
+
+    @property
+    def kind(self) -> RuleKind:
+        if self.cumulative is not None:
+            return RuleKind.CUMULATIVE
+        if self.baseline is not None:
+            return RuleKind.BASELINE
+        if self.risk is not None:
+            return RuleKind.RISK
+        raise ValueError(f"rule {self.name} has no kind")
+
+
+class FindingKind(StrEnum):
+    OPENED = "opened"
+    ESCALATED = "escalated"
+    EVIDENCE = "evidence"
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: FindingKind
+    rule: str
+    rule_kind: RuleKind
+    user: str
+    severity: str
+    at_ns: int
+    value: float
+    """The measure (cumulative), the bucket count (baseline) or the score (risk)."""
+    threshold: float
+    explanation: str
+    evidence: tuple[str, ...]
+    """Event ids: the contributing events (opened/escalated) or the new one (evidence)."""
+    contributions: tuple[tuple[str, str, float], ...] = ()
+    """Risk only: (event id, term, points) of the new contribution."""
+
+
+@dataclass
+class _Episode:
+    severity: str
+    threshold: float
+    start_day: int
+    evidence: set[str] = field(default_factory=set)
+
+
+class LongRuleEngine:
+    """Evaluates the long-horizon rules event by event; see the module docstring."""
+
+    def __init__(self, rules: Sequence[LongRule], history: History) -> None:
+        self._rules = tuple(rules)
+        self._history = history
+        self._open: dict[tuple[str, str], _Episode] = {}
+        self._closed_days: dict[tuple[str, str], list[tuple[int, int]]] = {}
+        self._risk: dict[tuple[str, str], RiskTracker] = {}
+        self._priors: dict[tuple[str, int, str | None], tuple[list[float], list[float]]] = {}
+
+    # state the store restores
+
+    def restore_open(
+        self, rule: str, user: str, severity: str, threshold: float, start_day: int
+    ) -> None:
+        self._open[(rule, user)] = _Episode(severity, threshold, start_day)
+
+    def restore_alerted(self, rule: str, user: str, first_day: int, last_day: int) -> None:
+        """A closed, confirmed alert: its days stay out of the user's baseline history."""
+        self._closed_days.setdefault((rule, user), []).append((first_day, last_day))
+
+    def tracker(self, rule: str, user: str) -> RiskTracker:
+        key = (rule, user)
+        tracker = self._risk.get(key)
+        if tracker is None:
+            config = next(r.risk for r in self._rules if r.name == rule and r.risk is not None)
+            tracker = self._risk[key] = RiskTracker(config)
+        return tracker
+
+    def close(self, rule: str, user: str, *, confirmed: bool, last_day: int) -> None:
+        """An analyst closed the alert: the next crossing opens a new one."""
+        episode = self._open.pop((rule, user), None)
+        if episode is not None and confirmed:
+            self.restore_alerted(rule, user, episode.start_day, last_day)
+
+    def open_episodes(self) -> dict[tuple[str, str], str]:
+        return {key: ep.severity for key, ep in self._open.items()}
+
+    # evaluation
+
+    def feed(self, event: LongEvent) -> list[Finding]:
+        findings: list[Finding] = []
+        for rule in self._rules:
+            if not rule.selector.matches(event) or not event.user:
+                continue
+            finding: Finding | None = None
+            if rule.cumulative is not None:
+                finding = self._cumulative(rule, rule.cumulative, event)
+            elif rule.baseline is not None:
+                finding = self._baseline(rule, rule.baseline, event)
+            elif rule.risk is not None:
+                finding = self._risk_rule(rule, rule.risk, event)
+            if finding is not None:
+                findings.append(finding)
+        return findings
+
+    def _attach(self, rule: LongRule, event: LongEvent) -> Finding | None:
+        episode = self._open.get((rule.name, event.user))
+        if episode is None or event.event_id in episode.evidence:
+            return None
+        episode.evidence.add(event.event_id)
+        return Finding(
+            FindingKind.EVIDENCE,
+            rule.name,
+            rule.kind,
+            event.user,
+            episode.severity,
+            event.ts_ns,
+            0,
+            episode.threshold,
+            "",
+            (event.event_id,),
+        )
+
+    def _raise(
+        self,
+        rule: LongRule,
+        event: LongEvent,
+        severity: str,
+        value: float,
+        threshold: float,
+        explanation: str,
+        evidence: Iterable[str],
+        contributions: tuple[tuple[str, str, float], ...] = (),
+    ) -> Finding:
+        key = (rule.name, event.user)
+        episode = self._open.get(key)
+        kind = FindingKind.ESCALATED if episode is not None else FindingKind.OPENED
+        if episode is None:
+            episode = self._open[key] = _Episode(severity, threshold, event.day)
+        episode.severity, episode.threshold = severity, threshold
+        ids = tuple(evidence)
+        episode.evidence.update(ids)
+        return Finding(
+            kind,
+            rule.name,
+            rule.kind,
+            event.user,
+            severity,
+            event.ts_ns,
+            value,
+            threshold,
+            explanation,
+            ids,
+            contributions,
+        )
+
+    def _cumulative(self, rule: LongRule, core: CumulativeRule, event: LongEvent) -> Finding | None:
+        events = self._history.window(
+            event.user, rule.selector, event.ts_ns - core.window_ns, event.ts_ns
+        )
+        verdict = cumulative.evaluate(core, events, event.ts_ns)
+        episode = self._open.get((rule.name, event.user))
+        current = None
+        if episode is not None:
+            current = next((t for t in core.tiers if t.severity == episode.severity), core.tiers[0])
+        if not verdict.escalates(current):
+            return self._attach(rule, event)
+        tier: Tier = verdict.tier  # type: ignore[assignment]  # escalates() implies a tier
+        explanation = (
+            f"{event.user}: {verdict.value} {core.measure.value.replace('_', ' ')} in "
+            f"{core.window_ns // DAY_NS} days ({verdict.documents} documents, "
+            f"{verdict.bytes} bytes); {rule.name} tier {tier.severity} at {tier.threshold}"
+        )
+        if verdict.fallback_keys:
+            explanation += f"; {verdict.fallback_keys} documents identified by path and size"
+        return self._raise(
+            rule, event, tier.severity, verdict.value, tier.threshold, explanation, verdict.evidence
+        )
+
+    def _baseline(self, rule: LongRule, core: BaselineRule, event: LongEvent) -> Finding | None:
+        if (rule.name, event.user) in self._open:
+            return self._attach(rule, event)
+        bucket_ns = core.bucket_days * DAY_NS
+        current = self._history.window(
+            event.user, rule.selector, event.ts_ns - bucket_ns, event.ts_ns
+        )
+        value = len({e.document for e in current})
+        if value < core.floor:
+            return None  # below the floor nothing can fire: skip the history queries
+        last_day = event.day - core.bucket_days
+        first_day = last_day - core.history_days + 1
+        days = self._history.days(event.user, rule.selector, first_day, last_day)
+        alerted = self._closed_days.get((rule.name, event.user), [])
+        days = [
+            DayCount(
+                d.day, d.count, d.active, d.alerted or any(a <= d.day <= b for a, b in alerted)
+            )
+            for d in days
+        ]
+        department = self._history.department(event.user)
+        dept_rates, org_rates = self._prior_rates(rule, event.user, department, first_day, last_day)
+        expect = baseline.expectation(
+            core, days, department=department, department_rates=dept_rates, org_rates=org_rates
+        )
+        verdict = baseline.evaluate(core, value, expect)
+        if not verdict.fire:
+            return None
+        return self._raise(
+            rule,
+            event,
+            rule.baseline_severity,
+            value,
+            verdict.threshold,
+            f"{event.user}: {verdict.explanation()}",
+            (e.event_id for e in sorted(current, key=lambda e: (e.ts_ns, e.event_id))),
+        )
+
+    def _prior_rates(
+        self, rule: LongRule, user: str, department: str | None, first_day: int, last_day: int
+    ) -> tuple[list[float], list[float]]:
+        """Other users' rates in the user's department and in the organisation (cached per day)."""
+        key = (rule.name, last_day, department)
+        cached = self._priors.get(key)
+        if cached is None:
+            rates = self._history.rates(rule.selector, first_day, last_day)
+            dept = [
+                r
+                for u, r in rates.items()
+                if department and self._history.department(u) == department
+            ]
+            cached = self._priors[key] = (dept, list(rates.values()))
+        dept, org = cached
+        return dept, org
+
+    def _risk_rule(self, rule: LongRule, config: RiskConfig, event: LongEvent) -> Finding | None:
+        tracker = self.tracker(rule.name, event.user)
+        indicators: set[str] = set()
+        hour = (event.ts_ns // HOUR_NS) % 24
+        weekday = (event.day + 3) % 7  # 1970-01-01 was a Thursday; Monday = 0
+        start, end = rule.off_hours
+        if weekday >= 5 or not start <= hour < end:
+            indicators.add("off_hours")
+        if event.device and not self._history.seen_device(
+            event.user, event.device, event.ts_ns - rule.indicator_lookback_ns, event.ts_ns
+        ):
+            indicators.add("first_seen_device")
+        if event.host and self._history.gap_near(
+            event.host, event.ts_ns - rule.gap_within_ns, event.ts_ns
+        ):
+            indicators.add("coverage_gap_near")
+        facts = RiskFacts(
+            event.event_id,
+            event.ts_ns,
+            event.label,
+            event.destination_class,
+            event.sha256,
+            event.day,
+            self._history.watchlists(event.user),
+            frozenset(indicators),
+        )
+        contribution, crossing = tracker.feed(facts)
+        terms = (
+            tuple((event.event_id, t.name, t.points) for t in contribution.terms)
+            if contribution
+            else ()
+        )
+        episode = self._open.get((rule.name, event.user))
+        names = [severity for severity, _ in config.tiers]
+        if (
+            crossing is not None
+            and episode is not None
+            and names.index(crossing.severity) <= names.index(episode.severity)
+        ):
+            crossing = None  # re-armed and crossed again while the alert is still open
+        if crossing is None:
+            finding = self._attach(rule, event) if contribution is not None else None
+            return finding if finding is None else _with_contributions(finding, terms)
+        tiers = dict(config.tiers)
+        listed = tracker.explain(event.ts_ns)
+        explanation = (
+            f"{event.user}: risk score {crossing.score:.1f} crossed {crossing.severity} "
+            f"({tiers[crossing.severity]:g}) with {len(listed)} contributions; "
+            f"crossing event {crossing.contribution.event_id}"
+        )
+        return self._raise(
+            rule,
+            event,
+            crossing.severity,
+            round(crossing.score, 2),
+            tiers[crossing.severity],
+            explanation,
+            listed,
+            terms,
+        )
+
+
+def _with_contributions(finding: Finding, terms: tuple[tuple[str, str, float], ...]) -> Finding:
+    return Finding(
+        finding.kind,
+        finding.rule,
+        finding.rule_kind,
+        finding.user,
+        finding.severity,
+        finding.at_ns,
+        finding.value,
+        finding.threshold,
+        finding.explanation,
+        finding.evidence,
+        terms,
+    )
