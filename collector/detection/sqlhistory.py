@@ -1,0 +1,139 @@
+"""The store-backed `History`: the engine's questions as SQL over the events table.
+
+Every query is bounded by user and time and served by the index `events_user_time`
+(user, observed_at_ns); the organisation-wide rates (cold starts only) scan one
+history span and are cached by the engine per day. Event time here is the stored
+`observed_at_ns`: the collector clamps future-dated events at ingest.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Mapping, Sequence
+
+from collector.detection.baseline import DayCount
+from collector.detection.cumulative import WindowEvent
+from collector.detection.engine import DAY_NS, Selector
+
+_DEVICE = "coalesce(nullif(json_extract(device_json, '$.serial'), ''), " \
+    "nullif(json_extract(device_json, '$.fs_uuid'), ''), " \
+    "json_extract(device_json, '$.mount_point'), '')"  # fmt: skip
+
+
+class SqlHistory:
+    """`labels` are the policy's labels, lowest rank first (a selector's rank maps to names)."""
+
+    def __init__(
+        self,
+        connect: Callable[[], sqlite3.Connection],
+        labels: Sequence[str],
+        *,
+        departments: Mapping[str, str] | None = None,
+        watchlists: Mapping[str, frozenset[str]] | None = None,
+    ) -> None:
+        self._connect = connect
+        self._labels = tuple(labels)
+        self._departments = dict(departments or {})
+        self._watchlists = dict(watchlists or {})
+
+    def _where(self, selector: Selector) -> tuple[str, list[object]]:
+        labels = list(self._labels[max(selector.min_rank, 0) :])
+        dests = sorted(selector.destinations)
+        actions = sorted(selector.actions)
+        clause = (
+            f"label IN ({','.join('?' * len(labels))})"
+            f" AND destination_class IN ({','.join('?' * len(dests))})"
+            f" AND action IN ({','.join('?' * len(actions))})"
+        )
+        return clause, [*labels, *dests, *actions]
+
+    def window(
+        self, user: str, selector: Selector, after_ns: int, until_ns: int
+    ) -> list[WindowEvent]:
+        clause, params = self._where(selector)
+        sql = (
+            f"SELECT event_id, observed_at_ns, dest_sha256, dest_size, dest_path, {_DEVICE}"  # noqa: S608
+            f" FROM events WHERE user = ? AND observed_at_ns > ? AND observed_at_ns <= ?"
+            f" AND {clause}"
+        )
+        con = self._connect()
+        rows = con.execute(sql, [user, after_ns, until_ns, *params]).fetchall()
+        return [WindowEvent(r[0], r[1], r[2], r[3], r[4], r[5] or "") for r in rows]
+
+    def days(self, user: str, selector: Selector, first_day: int, last_day: int) -> list[DayCount]:
+        clause, params = self._where(selector)
+        lo, hi = first_day * DAY_NS, (last_day + 1) * DAY_NS
+        con = self._connect()
+        counts = dict(
+            con.execute(
+                f"SELECT observed_at_ns / {DAY_NS} AS day,"  # noqa: S608
+                " COUNT(DISTINCT CASE WHEN dest_sha256 != '' THEN dest_sha256"
+                " ELSE hex(dest_path) || ':' || dest_size END)"
+                f" FROM events WHERE user = ? AND observed_at_ns >= ? AND observed_at_ns < ?"
+                f" AND {clause} GROUP BY day",
+                [user, lo, hi, *params],
+            ).fetchall()
+        )
+        active = {
+            row[0]
+            for row in con.execute(
+                f"SELECT DISTINCT observed_at_ns / {DAY_NS} FROM events"  # noqa: S608
+                " WHERE user = ? AND observed_at_ns >= ? AND observed_at_ns < ?",
+                (user, lo, hi),
+            )
+        }
+        return [
+            DayCount(day, counts.get(day, 0), day in active)
+            for day in range(first_day, last_day + 1)
+        ]
+
+    def rates(self, selector: Selector, first_day: int, last_day: int) -> Mapping[str, float]:
+        clause, params = self._where(selector)
+        lo, hi = first_day * DAY_NS, (last_day + 1) * DAY_NS
+        con = self._connect()
+        active = dict(
+            con.execute(
+                f"SELECT user, COUNT(DISTINCT observed_at_ns / {DAY_NS}) FROM events"  # noqa: S608
+                " WHERE observed_at_ns >= ? AND observed_at_ns < ? AND user != '' GROUP BY user",
+                (lo, hi),
+            ).fetchall()
+        )
+        documents = dict(
+            con.execute(
+                "SELECT user, SUM(n) FROM (SELECT user, COUNT(DISTINCT dest_sha256) AS n"  # noqa: S608
+                f" FROM events WHERE observed_at_ns >= ? AND observed_at_ns < ? AND {clause}"
+                f" GROUP BY user, observed_at_ns / {DAY_NS}) GROUP BY user",
+                [lo, hi, *params],
+            ).fetchall()
+        )
+        return {user: documents.get(user, 0) / days for user, days in active.items() if days}
+
+    def department(self, user: str) -> str | None:
+        return self._departments.get(user)
+
+    def watchlists(self, user: str) -> frozenset[str]:
+        return self._watchlists.get(user, frozenset())
+
+    def seen_device(self, user: str, device: str, after_ns: int, before_ns: int) -> bool:
+        row = (
+            self._connect()
+            .execute(
+                f"SELECT 1 FROM events WHERE user = ? AND observed_at_ns > ? AND observed_at_ns < ?"  # noqa: S608
+                f" AND {_DEVICE} = ? LIMIT 1",
+                (user, after_ns, before_ns, device),
+            )
+            .fetchone()
+        )
+        return row is not None
+
+    def gap_near(self, host: str, after_ns: int, until_ns: int) -> bool:
+        row = (
+            self._connect()
+            .execute(
+                "SELECT 1 FROM events WHERE observed_at_ns > ? AND observed_at_ns <= ?"
+                " AND action = 'coverage_gap' AND host = ? LIMIT 1",
+                (after_ns, until_ns, host),
+            )
+            .fetchone()
+        )
+        return row is not None
