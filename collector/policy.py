@@ -18,6 +18,10 @@ from typing import Final, TypeVar
 
 import yaml
 
+from collector.detection.baseline import BaselineRule
+from collector.detection.cumulative import CumulativeRule, Measure, Tier
+from collector.detection.engine import LongRule, Selector
+from collector.detection.risk import RiskConfig
 from collector.errors import ConfigError
 from collector.models import Severity
 
@@ -183,6 +187,8 @@ class Policy:
     labels: tuple[str, ...]
     rules: tuple[Rule, ...]
     agents: AgentSettings = field(default_factory=AgentSettings)
+    long_rules: tuple[LongRule, ...] = ()
+    """Cumulative, baseline and risk rules (`long_rules:`), evaluated per user."""
     document: bytes = field(default=b"", repr=False, compare=False)
     """The file as written, served to agents inside the signed policy."""
     _ranks: Mapping[str, int] = field(init=False, repr=False, compare=False)
@@ -193,7 +199,8 @@ class Policy:
             raise ValueError("labels must be non-empty, unique, non-empty strings")
         if not self.rules:
             raise ValueError("no rules: an empty rule set would never alert")
-        if len({rule.name for rule in self.rules}) != len(self.rules):
+        names = [rule.name for rule in self.rules] + [rule.name for rule in self.long_rules]
+        if len(set(names)) != len(names):
             raise ValueError("rule names must be unique")
         for rule in self.rules:
             if rule.match.min_label not in ranks:
@@ -251,7 +258,9 @@ class _Invalid(Exception):
 
 
 def _parse_policy(data: object, default_revision: str | None) -> Policy:
-    top = _mapping(data, "", required=("labels", "rules"), optional=("revision", "agents"))
+    top = _mapping(
+        data, "", required=("labels", "rules"), optional=("revision", "agents", "long_rules")
+    )
     revision = _text(top["revision"], "revision") if "revision" in top else default_revision
     labels = _list(top["labels"], "labels")
     if not labels:
@@ -275,7 +284,15 @@ def _parse_policy(data: object, default_revision: str | None) -> Policy:
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         revision = hashlib.sha256(canonical.encode()).hexdigest()[:12]
     agents = _parse_agents(top["agents"], "agents") if "agents" in top else AgentSettings()
-    return _build("", lambda: Policy(revision, tuple(ranks), tuple(rules), agents))
+    long_rules: list[LongRule] = []
+    for i, item in enumerate(_list(top.get("long_rules", []), "long_rules")):
+        long_rule = _parse_long_rule(item, f"long_rules[{i}]", ranks)
+        if long_rule.name in {r.name for r in rules} | {r.name for r in long_rules}:
+            raise _Invalid(f"long_rules[{i}].name", f"duplicate rule name {long_rule.name!r}")
+        long_rules.append(long_rule)
+    return _build(
+        "", lambda: Policy(revision, tuple(ranks), tuple(rules), agents, tuple(long_rules))
+    )
 
 
 def _parse_agents(data: object, path: str) -> AgentSettings:
@@ -307,6 +324,163 @@ def _parse_rule(data: object, path: str, ranks: Mapping[str, int]) -> Rule:
     threshold = _parse_threshold(m["threshold"], f"{path}.threshold")
     severity = _choice(m["severity"], f"{path}.severity", Severity)
     return _build(path, lambda: Rule(name, match, group_by, window_ns, threshold, severity))
+
+
+_LONG_COMMON = ("name", "kind", "match")
+_CUMULATIVE_KEYS = ("measure", "window", "tiers")
+_BASELINE_KEYS = (
+    "bucket", "history", "multiplier", "baseline_min", "floor", "min_history_active_days",
+    "winsor_quantile", "prior_weight_days", "peer_min_size", "severity",
+)  # fmt: skip
+_RISK_KEYS = (
+    "base_by_label", "destination_factor", "watchlist_factor", "indicators", "dedup",
+    "half_life", "max_age", "tiers", "rearm_below", "off_hours",
+)  # fmt: skip
+_INDICATORS = ("first_seen_device", "off_hours", "coverage_gap_near")
+_DAY_NS: Final = 86_400 * _NS_PER_S
+
+
+def _parse_long_rule(data: object, path: str, ranks: Mapping[str, int]) -> LongRule:
+    """One of `long_rules`: `kind` is cumulative, baseline or risk (DETECTION-RULES §1)."""
+    head = _mapping(
+        data, path, required=_LONG_COMMON, optional=_CUMULATIVE_KEYS + _BASELINE_KEYS + _RISK_KEYS
+    )
+    name = _text(head["name"], f"{path}.name")
+    match = _parse_match(head["match"], f"{path}.match", ranks)
+    selector = Selector(
+        ranks[match.min_label],
+        frozenset(d.value for d in match.destinations),
+        frozenset(a.value for a in match.actions),
+    )
+    kind = head["kind"]
+    if kind == "cumulative":
+        m = _mapping(data, path, required=(*_LONG_COMMON, *_CUMULATIVE_KEYS))
+        measure = _choice(m["measure"], f"{path}.measure", Measure)
+        window = _duration(m["window"], f"{path}.window")
+        if window > MAX_WINDOW_NS:
+            raise _Invalid(f"{path}.window", "must be at most 90d")
+        tiers = _tiers(m["tiers"], f"{path}.tiers", sizes=measure is Measure.BYTES)
+        core = _build(path, lambda: CumulativeRule(name, measure, window, tuple(
+            Tier(sev, int(limit)) for sev, limit in tiers)))  # fmt: skip
+        return LongRule(name, selector, cumulative=core)
+    if kind == "baseline":
+        m = _mapping(data, path, required=_LONG_COMMON, optional=_BASELINE_KEYS)
+        defaults = BaselineRule(name)
+        bucket = _duration(m.get("bucket", "7d"), f"{path}.bucket")
+        history = _duration(m.get("history", "56d"), f"{path}.history")
+        if bucket % _DAY_NS or history % _DAY_NS:
+            raise _Invalid(f"{path}.bucket", "bucket and history must be whole days")
+
+        def num(key: str, *, zero: bool = False) -> float:
+            return _number(m.get(key, getattr(defaults, key)), f"{path}.{key}", zero=zero)
+
+        def count(key: str) -> int:
+            return _positive(m.get(key, getattr(defaults, key)), f"{path}.{key}")
+
+        core_b = _build(
+            path,
+            lambda: BaselineRule(
+                name,
+                bucket_days=bucket // _DAY_NS,
+                history_days=history // _DAY_NS,
+                multiplier=num("multiplier"),
+                baseline_min=num("baseline_min", zero=True),
+                floor=count("floor"),
+                min_history_active_days=count("min_history_active_days"),
+                winsor_quantile=num("winsor_quantile"),
+                prior_weight_days=count("prior_weight_days"),
+                peer_min_size=count("peer_min_size"),
+            ),
+        )
+        severity = _choice(m.get("severity", "medium"), f"{path}.severity", Severity)
+        return LongRule(name, selector, baseline=core_b, baseline_severity=severity.value)
+    if kind == "risk":
+        m = _mapping(
+            data,
+            path,
+            required=(*_LONG_COMMON, "base_by_label", "destination_factor", "tiers"),
+            optional=_RISK_KEYS,
+        )
+        base = _factors(m["base_by_label"], f"{path}.base_by_label")
+        for label in base:
+            if label not in ranks:
+                raise _Invalid(f"{path}.base_by_label.{label}", "not one of the policy's labels")
+        dest = _factors(m["destination_factor"], f"{path}.destination_factor")
+        for cls in dest:
+            _choice(cls, f"{path}.destination_factor.{cls}", DestinationClass)
+        points: dict[str, float] = {}
+        caps: dict[str, int] = {}
+        indicators = _mapping(m.get("indicators", {}), f"{path}.indicators", optional=_INDICATORS)
+        for key, value in indicators.items():
+            where = f"{path}.indicators.{key}"
+            if isinstance(value, dict):
+                spec = _mapping(value, where, required=("points",), optional=("cap_per_day",))
+                points[key] = _number(spec["points"], f"{where}.points")
+                if "cap_per_day" in spec:
+                    caps[key] = _positive(spec["cap_per_day"], f"{where}.cap_per_day")
+            else:
+                points[key] = _number(value, where)
+        half = m.get("half_life", "14d")
+        half_life = None if half == "none" else _duration(half, f"{path}.half_life")
+        tiers = _tiers(m["tiers"], f"{path}.tiers", sizes=False)
+        hours = [h for h in _list(m.get("off_hours", [7, 19]), f"{path}.off_hours")
+                 if isinstance(h, int) and not isinstance(h, bool) and 0 <= h <= 24]  # fmt: skip
+        if len(hours) != 2 or len(_list(m.get("off_hours", [7, 19]), f"{path}.off_hours")) != 2:
+            raise _Invalid(f"{path}.off_hours", "expected [start hour, end hour] of working hours")
+        config = _build(path, lambda: RiskConfig(
+            base_by_label=base,
+            destination_factor=dest,
+            tiers=tuple(tiers),
+            watchlist_factor=_factors(m.get("watchlist_factor", {}), f"{path}.watchlist_factor"),
+            indicator_points=points,
+            indicator_cap_per_day=caps,
+            dedup_ns=_duration(m.get("dedup", "24h"), f"{path}.dedup"),
+            half_life_ns=half_life,
+            max_age_ns=_duration(m.get("max_age", "90d"), f"{path}.max_age"),
+            rearm_below=_number(m.get("rearm_below", 0.8), f"{path}.rearm_below"),
+        ))  # fmt: skip
+        return LongRule(name, selector, risk=config, off_hours=(hours[0], hours[1]))
+    raise _Invalid(f"{path}.kind", f"expected one of cumulative, baseline, risk, got {_got(kind)}")
+
+
+def _duration(data: object, path: str) -> int:
+    return _convert(data, path, parse_duration, "a duration like 30d")
+
+
+def _number(data: object, path: str, *, zero: bool = False) -> float:
+    if (
+        isinstance(data, bool)
+        or not isinstance(data, int | float)
+        or data < 0
+        or (data == 0 and not zero)
+    ):
+        raise _Invalid(path, f"expected a number {'>=' if zero else '>'} 0, got {_got(data)}")
+    return float(data)
+
+
+def _factors(data: object, path: str) -> dict[str, float]:
+    m = _mapping(data, path, optional=tuple(str(k) for k in data) if isinstance(data, dict) else ())
+    return {key: _number(value, f"{path}.{key}", zero=True) for key, value in m.items()}
+
+
+def _tiers(data: object, path: str, *, sizes: bool) -> list[tuple[str, float]]:
+    """`{medium: 15, high: 30}` (sizes like 2GiB allowed for byte measures), ascending."""
+    m = _mapping(data, path, optional=tuple(s.value for s in Severity))
+    if not m:
+        raise _Invalid(path, "expected at least one tier, e.g. {medium: 15}")
+    tiers: list[tuple[str, float]] = []
+    for severity, value in m.items():
+        where = f"{path}.{severity}"
+        if sizes and isinstance(value, str):
+            tiers.append((severity, float(_convert(value, where, parse_size, "a size"))))
+        else:
+            tiers.append((severity, _number(value, where)))
+    order = [s.value for s in Severity]
+    tiers.sort(key=lambda t: order.index(t[0]))
+    limits = [limit for _, limit in tiers]
+    if limits != sorted(set(limits)):
+        raise _Invalid(path, "a higher severity needs a higher threshold")
+    return tiers
 
 
 def _parse_match(data: object, path: str, ranks: Mapping[str, int]) -> Match:

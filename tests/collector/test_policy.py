@@ -186,7 +186,7 @@ BAD = [
     (
         "top",
         {"colour": "red"},
-        "p: colour: unknown key (expected one of labels, rules, revision, agents)",
+        "p: colour: unknown key (expected one of labels, rules, revision, agents, long_rules)",
     ),
     ("top", {"revision": 7}, "p: revision: expected non-empty printable text, got 7"),
     ("top", {"labels": []}, "p: labels: expected at least one label"),
