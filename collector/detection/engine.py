@@ -16,14 +16,14 @@ below `rearm_below` x the lowest tier.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from collector.detection import baseline, cumulative
+from collector.detection import baseline
 from collector.detection.baseline import BaselineRule, DayCount
-from collector.detection.cumulative import CumulativeRule, Tier, WindowEvent
+from collector.detection.cumulative import CumulativeRule, Measure, Slider, Tier, WindowEvent
 from collector.detection.risk import RiskConfig, RiskFacts, RiskTracker
 
 logger = logging.getLogger(__name__)
@@ -211,20 +211,62 @@ class LongRuleEngine:
     # evaluation
 
     def feed(self, event: LongEvent) -> list[Finding]:
-        findings: list[Finding] = []
-        for rule in self._rules:
-            if not rule.selector.matches(event) or not event.user:
-                continue
-            finding: Finding | None = None
-            if rule.cumulative is not None:
-                finding = self._cumulative(rule, rule.cumulative, event)
-            elif rule.baseline is not None:
-                finding = self._baseline(rule, rule.baseline, event)
-            elif rule.risk is not None:
+        return self.feed_batch([event])
+
+    def feed_batch(self, events: Sequence[LongEvent]) -> list[Finding]:
+        """Evaluate events already visible in the History, in (time, id) order per user.
+
+        Windows are asked for once per user and rule for the whole batch, then slid
+        forward event by event. Findings come back ordered by event time, event id
+        and the rule's place in the policy.
+        """
+        ordered = sorted(events, key=lambda e: (e.ts_ns, e.event_id))
+        by_user: dict[str, list[LongEvent]] = {}
+        for event in ordered:
+            if event.user:
+                by_user.setdefault(event.user, []).append(event)
+        keyed: list[tuple[tuple[int, str, int], Finding]] = []
+        for index, rule in enumerate(self._rules):
+            for user, run in by_user.items():
+                matching = [e for e in run if rule.selector.matches(e)]
+                if not matching:
+                    continue
+                for event, finding in self._evaluate(rule, user, matching):
+                    keyed.append(((event.ts_ns, event.event_id, index), finding))
+        keyed.sort(key=lambda item: item[0])
+        return [finding for _, finding in keyed]
+
+    def _evaluate(
+        self, rule: LongRule, user: str, run: list[LongEvent]
+    ) -> Iterator[tuple[LongEvent, Finding]]:
+        if rule.cumulative is not None:
+            core = rule.cumulative
+            rows = self._history.window(
+                user, rule.selector, run[0].ts_ns - core.window_ns, run[-1].ts_ns
+            )
+            slider = Slider(core, rows)
+            for event in run:
+                finding = self._cumulative(rule, core, event, slider)
+                if finding is not None:
+                    yield event, finding
+        elif rule.baseline is not None:
+            base = rule.baseline
+            bucket = CumulativeRule(
+                rule.name, Measure.DISTINCT_FILES, base.bucket_days * DAY_NS, (Tier("", 1),)
+            )
+            rows = self._history.window(
+                user, rule.selector, run[0].ts_ns - bucket.window_ns, run[-1].ts_ns
+            )
+            slider = Slider(bucket, rows)
+            for event in run:
+                finding = self._baseline(rule, base, event, slider)
+                if finding is not None:
+                    yield event, finding
+        elif rule.risk is not None:
+            for event in run:
                 finding = self._risk_rule(rule, rule.risk, event)
-            if finding is not None:
-                findings.append(finding)
-        return findings
+                if finding is not None:
+                    yield event, finding
 
     def _attach(self, rule: LongRule, event: LongEvent) -> Finding | None:
         episode = self._open.get((rule.name, event.user))
@@ -277,18 +319,19 @@ class LongRuleEngine:
             contributions,
         )
 
-    def _cumulative(self, rule: LongRule, core: CumulativeRule, event: LongEvent) -> Finding | None:
-        events = self._history.window(
-            event.user, rule.selector, event.ts_ns - core.window_ns, event.ts_ns
-        )
-        verdict = cumulative.evaluate(core, events, event.ts_ns)
+    def _cumulative(
+        self, rule: LongRule, core: CumulativeRule, event: LongEvent, slider: Slider
+    ) -> Finding | None:
+        value = slider.advance(event.ts_ns)
         episode = self._open.get((rule.name, event.user))
-        current = None
-        if episode is not None:
-            current = next((t for t in core.tiers if t.severity == episode.severity), core.tiers[0])
-        if not verdict.escalates(current):
+        current = -1.0 if episode is None else episode.threshold
+        higher = [t.threshold for t in core.tiers if t.threshold > current]
+        if not higher or value < higher[0]:
+            return self._attach(rule, event)  # the cheap path: no new tier reached
+        verdict = slider.verdict()
+        tier = verdict.tier
+        if tier is None or tier.threshold <= current:
             return self._attach(rule, event)
-        tier: Tier = verdict.tier  # type: ignore[assignment]  # escalates() implies a tier
         explanation = (
             f"{event.user}: {verdict.value} {core.measure.value.replace('_', ' ')} in "
             f"{core.window_ns // DAY_NS} days ({verdict.documents} documents, "
@@ -300,14 +343,12 @@ class LongRuleEngine:
             rule, event, tier.severity, verdict.value, tier.threshold, explanation, verdict.evidence
         )
 
-    def _baseline(self, rule: LongRule, core: BaselineRule, event: LongEvent) -> Finding | None:
+    def _baseline(
+        self, rule: LongRule, core: BaselineRule, event: LongEvent, slider: Slider
+    ) -> Finding | None:
         if (rule.name, event.user) in self._open:
             return self._attach(rule, event)
-        bucket_ns = core.bucket_days * DAY_NS
-        current = self._history.window(
-            event.user, rule.selector, event.ts_ns - bucket_ns, event.ts_ns
-        )
-        value = len({e.document for e in current})
+        value = slider.advance(event.ts_ns)
         if value < core.floor:
             return None  # below the floor nothing can fire: skip the history queries
         last_day = event.day - core.bucket_days
@@ -335,7 +376,7 @@ class LongRuleEngine:
             value,
             verdict.threshold,
             f"{event.user}: {verdict.explanation()}",
-            (e.event_id for e in sorted(current, key=lambda e: (e.ts_ns, e.event_id))),
+            slider.verdict().evidence,
         )
 
     def _prior_rates(

@@ -320,3 +320,23 @@ def test_replay_gives_the_same_score():
         first.feed(f)
     second.restore(first.contributions, None)
     assert round(second.score(50 * 3600 * S), 2) == round(first.score(50 * 3600 * S), 2)
+
+
+@pytest.mark.parametrize("measure", list(Measure))
+def test_the_slider_agrees_with_a_fresh_evaluation(measure):
+    import random
+
+    rng = random.Random(3)
+    rule = CumulativeRule("r", measure, 50 * S, (Tier("low", 1),))
+    docs = [rng.randrange(30) for _ in range(300)]  # equal hashes have equal sizes
+    rows = [
+        WindowEvent(f"e{i}", rng.randrange(0, 400) * S, f"{doc:064x}", 10 + doc * 7,
+                    device=f"d{rng.randrange(4)}")
+        for i, doc in enumerate(docs)
+    ]  # fmt: skip
+    slider = cumulative.Slider(rule, rows)
+    for at in sorted({r.ts_ns for r in rows} | {r.ts_ns + 50 * S for r in rows}):
+        assert slider.advance(at) == cumulative.evaluate(rule, rows, at).value
+    assert slider.verdict() == cumulative.evaluate(rule, rows, at)
+    with pytest.raises(ValueError, match="back"):
+        slider.advance(0)

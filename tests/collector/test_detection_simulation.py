@@ -211,6 +211,14 @@ def test_replay_is_deterministic(simulated):
     assert run(again) == findings
 
 
+COLUMNS = (
+    "event_id, agent_id, batch_seq, seq, observed_at_ns, action, host, user, label,"
+    " label_source, source_path, source_size, source_sha256, dest_path, dest_size,"
+    " dest_sha256, destination_class, detection, attribution, process_json, device_json,"
+    " gap_reason, gap_count"
+)
+
+
 def test_the_store_backed_history_gives_the_same_findings(simulated, tmp_path):
     import sqlite3
 
@@ -235,7 +243,7 @@ def test_the_store_backed_history_gives_the_same_findings(simulated, tmp_path):
     ]  # fmt: skip
     with con:
         con.execute("BEGIN")
-        con.executemany(f"INSERT INTO events VALUES ({','.join('?' * 23)})", rows)  # noqa: S608
+        con.executemany(f"INSERT INTO events ({COLUMNS}) VALUES ({','.join('?' * 23)})", rows)  # noqa: S608
     history = SqlHistory(lambda: con, list(RANKS), departments=w.departments)
     engine = LongRuleEngine(RULES, history)
     replayed: list[Finding] = []
@@ -244,3 +252,19 @@ def test_the_store_backed_history_gives_the_same_findings(simulated, tmp_path):
             replayed.extend(engine.feed(event))
     # The store already holds later events; the engine only looks back, so nothing changes.
     assert replayed == findings
+
+
+def test_batches_give_the_same_findings_as_one_event_at_a_time(simulated):
+    w, _, findings = simulated
+    history = MemoryHistory(w.departments)
+    engine = LongRuleEngine(RULES, history)
+    for user, day in w.active:
+        history.activity(user, day)
+    ordered = sorted(w.events, key=lambda e: (e.ts_ns, e.event_id))
+    batched: list[Finding] = []
+    for start in range(0, len(ordered), 500):
+        batch = ordered[start : start + 500]
+        for event in batch:
+            history.add(event)
+        batched.extend(engine.feed_batch([e for e in batch if e.day >= START]))
+    assert batched == findings
