@@ -1,82 +1,198 @@
-"""Attribution, after the copy detector: who wrote the file (psutil adapter, never raises).
+"""Attribution, after the copy detector: who wrote (or read) the file. Never raises.
 
-Tier 0 of FIELD-NOTES §3.5: a short `cp` has usually exited before we look, so most
-copies end up FILE_OWNER; fanotify (root) is the later, reliable tier.
+Tiers, best first (FIELD-NOTES §3.5, DESIGN §4): fanotify's record of the last
+writer or reader (root; FANOTIFY), a holder remembered from an open-time /proc
+scan (PROCESS_CACHE), a holder found by a /proc scan now (PROC_SCAN), the file's
+owner (FILE_OWNER), else UNATTRIBUTED. Every event says which tier answered.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import pwd
 import stat
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import psutil
 
+from agent.errors import FanotifyError
 from agent.events import AttributionMethod, ProcessInfo, UserInfo
+from agent.fanotify import READER_MASK, WRITER_MASK, Access, Fanotify, MarkScope
+from agent.proccache import ProcessCache, ProcessFacts, user_name
+
+__all__ = [
+    "AccessLog",
+    "Attribution",
+    "Attributor",
+    "AttributorProtocol",
+    "ReaderAttributorProtocol",
+    "open_attributor",
+    "user_name",
+]
 
 logger = logging.getLogger(__name__)
 
-_UNSET_LOGINUID = 4294967295
-_MAX_PPID_DEPTH = 16
+Attribution = tuple[ProcessInfo | None, UserInfo, AttributionMethod]
+
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
+DEFAULT_FLUSH_TIMEOUT = 1.0
+"""Seconds `attribute` may wait for the fanotify reader to catch up when it has no
+record: about 100 µs when it keeps up; long only when it is behind a flood."""
+DEFAULT_OPENED_CAPACITY = 1024
+DEFAULT_OPENED_MAX_AGE = 60.0
 
 
 class AttributorProtocol(Protocol):
-    def attribute(
-        self, path: bytes, st: os.stat_result
-    ) -> tuple[ProcessInfo | None, UserInfo, AttributionMethod]: ...
+    def attribute(self, path: bytes, st: os.stat_result) -> Attribution: ...
 
 
-def user_name(uid: int) -> str:
-    """The account name of `uid`, or the number as text when it has none."""
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
+class ReaderAttributorProtocol(Protocol):
+    def reader_of(self, path: bytes, st: os.stat_result) -> Attribution:
+        """Who last read this (labelled) file: for access events."""
+        ...
+
+
+class AccessLog(Protocol):
+    """What the attributor needs of agent.fanotify.Fanotify (tests may pass a fake)."""
+
+    def last_writer(self, dev: int, ino: int) -> Access | None: ...
+
+    def last_reader(self, dev: int, ino: int) -> Access | None: ...
+
+    def flush(self, timeout: float) -> bool: ...
+
+    def mark(self, path: bytes, mask: int, scope: MarkScope = MarkScope.MOUNT) -> None: ...
+
+    def add_scope(self, prefix: bytes) -> None: ...
+
+    def stop(self, timeout: float = 5.0) -> None: ...
+
+
+def _owner(st: os.stat_result) -> UserInfo:
+    name = user_name(st.st_uid)
+    return UserInfo(login=name, effective=name, uid=st.st_uid)
 
 
 class Attributor:
-    """Finds a process holding the file open by scanning /proc/<pid>/fd, within a budget.
+    """Answers "who wrote this file" (`attribute`) and "who read it" (`reader_of`).
 
-    A match is by inode (st_dev, st_ino), not by path, so renames do not hide it.
-    Processes that have it open for writing win over readers; the agent's own pid
-    is skipped (its workers open files to hash them). When nobody holds it, the
-    user is the file's owner and the process is unknown.
+    With `fanotify` (root), the reader thread's records answer, exactly by inode.
+    Without it, or when fanotify has no record, a /proc/<pid>/fd scan within
+    `budget` seconds looks for a process holding the file (by (st_dev, st_ino), so
+    renames do not hide it; writers win over readers; the agent's own pid is
+    skipped, its workers open files to hash them). Processes are described through
+    `cache`, keyed by (pid, start time). Thread-safe; `close()` stops fanotify.
     """
 
     def __init__(
         self,
         *,
+        fanotify: AccessLog | None = None,
+        cache: ProcessCache | None = None,
         budget: float = 0.05,
+        flush_timeout: float = DEFAULT_FLUSH_TIMEOUT,
         proc: Path = Path("/proc"),
         monotonic: Callable[[], float] = time.monotonic,
         pids: Callable[[], Iterable[int]] = psutil.pids,
     ) -> None:
+        self._fanotify = fanotify
+        self._cache = cache or ProcessCache(proc=proc)
         self._budget = budget
+        self._flush_timeout = flush_timeout
         self._proc = proc
         self._monotonic = monotonic
         self._pids = pids
         self._self = os.getpid()
+        self._opened_lock = threading.Lock()
+        self._opened: OrderedDict[tuple[int, int], tuple[ProcessFacts, float]] = OrderedDict()
 
-    def attribute(
-        self, path: bytes, st: os.stat_result
-    ) -> tuple[ProcessInfo | None, UserInfo, AttributionMethod]:
+    @property
+    def fanotify(self) -> bool:
+        """True when fanotify answers (tier 1); False: best effort."""
+        return self._fanotify is not None
+
+    def attribute(self, path: bytes, st: os.stat_result) -> Attribution:
+        """Who wrote the file: the last writer fanotify saw, else a holder, else the owner."""
+        key = (st.st_dev, st.st_ino)
+        if self._fanotify is not None:
+            access = self._fanotify.last_writer(*key)
+            if access is None and self._fanotify.flush(self._flush_timeout):
+                access = self._fanotify.last_writer(*key)
+            if access is not None:
+                return _from_access(access, _owner(st))
+        with self._opened_lock:
+            opened = self._opened.get(key)
+        if opened is not None and self._monotonic() - opened[1] <= DEFAULT_OPENED_MAX_AGE:
+            seen = opened[0]
+            return seen.process, seen.user, AttributionMethod.PROCESS_CACHE
+        facts = self._scan(st)
+        if facts is not None:
+            return facts.process, facts.user, AttributionMethod.PROC_SCAN
+        return None, _owner(st), AttributionMethod.FILE_OWNER
+
+    def reader_of(self, path: bytes, st: os.stat_result) -> Attribution:
+        """Who last read the file (closed it without writing), else who holds it now.
+
+        Never the file's owner: owning a file says nothing about who read it.
+        """
+        key = (st.st_dev, st.st_ino)
+        if self._fanotify is not None:
+            access = self._fanotify.last_reader(*key)
+            if access is None and self._fanotify.flush(self._flush_timeout):
+                access = self._fanotify.last_reader(*key)
+            if access is not None:
+                return _from_access(access, UserInfo())
+        facts = self._scan(st)
+        if facts is not None:
+            return facts.process, facts.user, AttributionMethod.PROC_SCAN
+        return None, UserInfo(), AttributionMethod.UNATTRIBUTED
+
+    def note_open(self, path: bytes, st: os.stat_result) -> None:
+        """Look for the holder now, while it has the file open, and remember it.
+
+        Tier 0's best chance without fanotify: call on an inotify open at a
+        destination; by the close, a short writer has usually gone. `attribute`
+        then answers PROCESS_CACHE from what was found here.
+        """
+        facts = self._scan(st)
+        if facts is None:
+            return
+        key = (st.st_dev, st.st_ino)
+        with self._opened_lock:
+            self._opened.pop(key, None)
+            self._opened[key] = (facts, self._monotonic())
+            while len(self._opened) > DEFAULT_OPENED_CAPACITY:
+                self._opened.popitem(last=False)
+
+    def mark_destination(self, path: bytes) -> bool:
+        """Also watch the mount holding `path` for writers (a mount that came later)."""
+        if self._fanotify is None:
+            return False
+        try:
+            self._fanotify.mark(path, WRITER_MASK, MarkScope.MOUNT)
+            self._fanotify.add_scope(os.fsencode(os.path.realpath(path)))
+        except FanotifyError as e:
+            logger.warning("%s", e)
+            return False
+        return True
+
+    def close(self) -> None:
+        """Stop the fanotify reader (joined). The lower tiers keep working."""
+        if self._fanotify is not None:
+            self._fanotify.stop()
+
+    # tier 0: /proc scan
+
+    def _scan(self, st: os.stat_result) -> ProcessFacts | None:
         pid = self._find_holder(st)
-        if pid is not None:
-            found = self._describe(pid)
-            if found is not None:
-                return found[0], found[1], AttributionMethod.PROC_SCAN
-        name = user_name(st.st_uid)
-        return (
-            None,
-            UserInfo(login=name, effective=name, uid=st.st_uid),
-            AttributionMethod.FILE_OWNER,
-        )
+        if pid is None:
+            return None
+        return self._cache.lookup(pid, self._monotonic())
 
     def _find_holder(self, st: os.stat_result) -> int | None:
         target = (st.st_dev, st.st_ino)
@@ -124,64 +240,54 @@ class Attributor:
                     return False
         return False
 
-    def _describe(self, pid: int) -> tuple[ProcessInfo, UserInfo] | None:
-        try:
-            proc = psutil.Process(pid)
-            with proc.oneshot():
-                start_ns = round(proc.create_time() * 1e9)
-                name = proc.name()
-                uids = proc.uids()
-                ppid = proc.ppid()
-                exe = _or_empty(proc.exe)
-                cmdline = tuple(os.fsencode(arg) for arg in _or_list(proc.cmdline))
-        except (psutil.Error, OSError):
-            return None
-        login_uid = self._login_uid(pid)
-        real = user_name(uids.real)
-        user = UserInfo(
-            login=user_name(login_uid) if login_uid is not None else real,
-            effective=user_name(uids.effective),
-            uid=uids.real,
-        )
-        info = ProcessInfo(
-            pid=pid,
-            start_time_ns=start_ns,
-            exe=os.fsencode(exe),
-            cmdline=cmdline,
-            ppid_chain=_ppid_chain(ppid),
-            name=name,
-        )
-        return info, user
 
-    def _login_uid(self, pid: int) -> int | None:
-        """The audit login uid (survives sudo and su), when the kernel keeps one."""
-        try:
-            value = int((self._proc / str(pid) / "loginuid").read_text().strip())
-        except (OSError, ValueError):
-            return None
-        return None if value == _UNSET_LOGINUID else value
+def _from_access(access: Access, unknown_user: UserInfo) -> Attribution:
+    """A fanotify record as an attribution. The pid is exact even when the process
+    was gone before its facts could be read; then the start time is 0 (unknown)
+    and the user is `unknown_user` (the file's owner for a write: a new file
+    belongs to whoever created it)."""
+    if access.facts is not None:
+        return access.facts.process, access.facts.user, AttributionMethod.FANOTIFY
+    return ProcessInfo(pid=access.pid, start_time_ns=0), unknown_user, AttributionMethod.FANOTIFY
 
 
-def _or_empty(getter: Callable[[], str]) -> str:
+def open_attributor(
+    sensitive_roots: Sequence[Path],
+    destinations: Sequence[Path],
+    *,
+    euid: int | None = None,
+    proc: Path = Path("/proc"),
+) -> Attributor:
+    """The best attributor this process can have, for the service.
+
+    As root: fanotify with mount marks on every destination (writers) and every
+    sensitive root (readers), recording only paths under those folders. Anything
+    else (not root, no fanotify in the kernel or the container) is logged once
+    at INFO, and the lower tiers answer alone. `euid` is for tests.
+    """
+    cache = ProcessCache(proc=proc)
+    if (os.geteuid() if euid is None else euid) != 0:
+        logger.info("attribution is best effort (not root: no fanotify); events say how")
+        return Attributor(cache=cache, proc=proc)
+    scope = [os.fsencode(os.path.realpath(p)) for p in (*destinations, *sensitive_roots)]
     try:
-        return getter()
-    except psutil.AccessDenied:
-        return ""
-
-
-def _or_list(getter: Callable[[], list[str]]) -> list[str]:
+        fan = Fanotify.open(cache, scope=scope)
+    except FanotifyError as e:
+        logger.info("attribution is best effort (%s); events say how", e)
+        return Attributor(cache=cache, proc=proc)
     try:
-        return getter()
-    except psutil.AccessDenied:
-        return []
-
-
-def _ppid_chain(ppid: int) -> tuple[int, ...]:
-    chain: list[int] = []
-    while ppid > 0 and len(chain) < _MAX_PPID_DEPTH:
-        chain.append(ppid)
-        try:
-            ppid = psutil.Process(ppid).ppid()
-        except (psutil.Error, OSError):
-            break
-    return tuple(chain)
+        for dest in destinations:
+            fan.mark(os.fsencode(dest), WRITER_MASK, MarkScope.MOUNT)
+        for root in sensitive_roots:
+            fan.mark(os.fsencode(root), READER_MASK, MarkScope.MOUNT)
+    except FanotifyError as e:
+        fan.stop()
+        logger.info("attribution is best effort (%s); events say how", e)
+        return Attributor(cache=cache, proc=proc)
+    fan.start()
+    logger.info(
+        "attribution by fanotify: %d destinations, %d sensitive roots",
+        len(destinations),
+        len(sensitive_roots),
+    )
+    return Attributor(fanotify=fan, cache=cache, proc=proc)

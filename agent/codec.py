@@ -115,6 +115,8 @@ def encode_event(ev: Event) -> pb.Event:
         host=ev.host,
         attribution=_ATTRIBUTION[ev.attribution],
         agent_version=ev.agent_version,
+        count=ev.count,
+        archive_member=ev.archive_member,
     )
     if ev.source is not None:
         _set_file(msg.source, ev.source)
@@ -234,6 +236,8 @@ def event_from_bytes(data: bytes) -> Event:
         gap=CoverageGap(reason=msg.gap.reason, count=msg.gap.count)
         if msg.HasField("gap")
         else None,
+        count=msg.count or 1,
+        archive_member=msg.archive_member,
     )
 
 

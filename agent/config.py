@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from agent.archive import ArchiveLimits
+from agent.content import ContentConfig, normalise_guid
 from agent.errors import ConfigError
 from agent.events import DestinationClass, DeviceInfo
 
@@ -57,6 +59,8 @@ class LabelsConfig:
     """Label names, lowest sensitivity first: the position is the rank."""
     xattr: str = DEFAULT_XATTR
     """Extended attribute that carries a file's label at the source."""
+    content: ContentConfig = field(default_factory=ContentConfig)
+    """Labels read from file content (MIP metadata, markers, card numbers); off by default."""
 
     def rank(self, label: str) -> int:
         """Rank of `label` (higher is more sensitive); -1 for an unknown label."""
@@ -85,7 +89,7 @@ class DestinationConfig:
     """Absolute directory watched (recursively) for copies landing in it."""
     destination_class: DestinationClass
     device: DeviceInfo | None = None
-    """Identity of the medium, from the config for now (sysfs discovery comes later)."""
+    """Identity of the medium: from the config, or found by agent.destinations (sysfs)."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,61 @@ class SpoolConfig:
 class HashingConfig:
     max_file_bytes: int = 2 * 1024**3
     """Files larger than this are never hashed (skipped and counted)."""
+    max_rate: int = 0
+    """Bytes per second all hashing may read together (index, copies, archives); 0: no cap."""
+
+
+@dataclass(frozen=True)
+class ArchivesConfig:
+    """Zip and tar files written to destinations: their members are hashed (agent.archive)."""
+
+    enabled: bool = True
+    limits: ArchiveLimits = field(default_factory=ArchiveLimits)
+
+
+@dataclass(frozen=True)
+class RemovableConfig:
+    """Mounts to treat as removable media besides those found on the USB bus (issue 3)."""
+
+    mount_points: tuple[str, ...] = ()
+    """Mount points, or fnmatch globs over them (`/media/*/*`)."""
+    devices: tuple[str, ...] = ()
+    """A USB serial, a filesystem UUID, or a device name (`loop0`, `/dev/sdc1`)."""
+
+
+@dataclass(frozen=True)
+class CloudSyncConfig:
+    detect: bool = True
+    """Look for OneDrive, Dropbox, Google Drive, iCloud, Nextcloud folders in every home."""
+    homes: Path = Path("/home")
+    """The folder holding the homes (one subfolder per user)."""
+    folders: tuple[Path, ...] = ()
+    """More sync folders; watched when they exist."""
+
+
+@dataclass(frozen=True)
+class InotifyConfig:
+    raise_watch_limit: bool = False
+    """When the watch limit is hit, raise fs.inotify.max_user_watches (root only)."""
+    max_user_watches: int = 524_288
+    """The value to raise it to."""
+
+
+@dataclass(frozen=True)
+class AccessConfig:
+    """File access events besides copies: reads of labelled files (Linux), folded (issue 3)."""
+
+    reads: bool = True
+    """Report reads (opened, then closed without writing) of labelled files."""
+    fold_interval: float = 60.0
+    """Seconds during which repeated reads of one file by one process and user are one event
+    (reported at once) plus one event carrying the count of the repeats."""
+    exempt_executables: tuple[bytes, ...] = ()
+    """Absolute paths of programs whose reads are not reported (backup agents, indexers)."""
+    off_for_labels: tuple[str, ...] = ()
+    """Labels whose files' reads are not reported."""
+    off_for_paths: tuple[str, ...] = ()
+    """fnmatch globs over absolute paths (`*` matches `/` too) whose reads are not reported."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +179,13 @@ class AgentConfig:
     batch: BatchConfig = field(default_factory=BatchConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     hashing: HashingConfig = field(default_factory=HashingConfig)
+    archives: ArchivesConfig = field(default_factory=ArchivesConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
+    removable: RemovableConfig = field(default_factory=RemovableConfig)
+    cloud_sync: CloudSyncConfig = field(default_factory=CloudSyncConfig)
+    follow_mounts: bool = True
+    """Watch removable and network mounts as they come and go (agent.destinations)."""
+    inotify: InotifyConfig = field(default_factory=InotifyConfig)
     queue_size: int = 10_000
     log_level: str = "INFO"
     source: Path | None = None
@@ -201,6 +267,11 @@ class _Reader:
                     return seconds
         raise self.fail(key, "expected a duration (seconds, or e.g. 500ms, 1s)")
 
+    def boolean(self, value: object, key: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(key, "expected true or false")
+        return value
+
     def path(self, value: object, key: str) -> Path:
         """A path; relative paths resolve against the config file's directory."""
         text = self.string(value, key)
@@ -232,6 +303,12 @@ _TOP_KEYS = {
     "batch",
     "spool",
     "hashing",
+    "archives",
+    "access",
+    "removable",
+    "cloud_sync",
+    "follow_mounts",
+    "inotify",
     "queue_size",
     "log_level",
 }
@@ -317,6 +394,12 @@ def load_config(path: Path, environ: Mapping[str, str], *, check_paths: bool = T
         batch=_batch(reader, top.get("batch", {})),
         spool=_spool(reader, top.get("spool", {})),
         hashing=_hashing(reader, top.get("hashing", {})),
+        archives=_archives(reader, top.get("archives", {})),
+        access=_access(reader, top.get("access", {}), labels),
+        removable=_removable(reader, top.get("removable", {})),
+        cloud_sync=_cloud_sync(reader, top.get("cloud_sync", {})),
+        follow_mounts=reader.boolean(top.get("follow_mounts", True), "follow_mounts"),
+        inotify=_inotify(reader, top.get("inotify", {})),
         queue_size=reader.integer(top.get("queue_size", 10_000), "queue_size", minimum=1),
         log_level=log_level,
         source=path.resolve(),
@@ -324,7 +407,11 @@ def load_config(path: Path, environ: Mapping[str, str], *, check_paths: bool = T
 
 
 def _labels(reader: _Reader, value: object) -> LabelsConfig:
-    section = reader.mapping(value, "labels", {"levels", "xattr"})
+    section = reader.mapping(
+        value,
+        "labels",
+        {"levels", "xattr", "mip", "mip_names", "markers", "card_numbers", "scan_bytes"},
+    )
     levels: tuple[str, ...] = DEFAULT_LEVELS
     if "levels" in section:
         levels = reader.sequence(section["levels"], "labels.levels", reader.string, non_empty=True)
@@ -337,7 +424,78 @@ def _labels(reader: _Reader, value: object) -> LabelsConfig:
             raise reader.fail(
                 "labels.xattr", "expected an attribute name such as user.exfilwatch.label"
             )
-    return LabelsConfig(levels=levels, xattr=xattr)
+    return LabelsConfig(levels=levels, xattr=xattr, content=_content(reader, section, levels))
+
+
+_MAX_SCAN_BYTES = 16 * 1024**2
+
+
+def _content(reader: _Reader, section: dict[str, Any], levels: tuple[str, ...]) -> ContentConfig:
+    """`labels.mip`, `mip_names`, `markers`, `card_numbers`, `scan_bytes` (agent.content)."""
+    mip: dict[str, str] = {}
+    for guid, label in _table(reader, section.get("mip", {}), "labels.mip").items():
+        key = f"labels.mip.{guid}"
+        norm = normalise_guid(guid)
+        if norm is None:
+            raise reader.fail(
+                key, "expected a label GUID, e.g. 2096f6a2-d2f7-48be-b329-b73aaa526e5d"
+            )
+        mip[norm] = reader.choice(label, key, levels)
+    names = {
+        name: reader.choice(label, f"labels.mip_names.{name}", levels)
+        for name, label in _table(reader, section.get("mip_names", {}), "labels.mip_names").items()
+    }
+    markers = reader.sequence(
+        section.get("markers", []),
+        "labels.markers",
+        lambda v, k: _marker(reader, v, k, levels),
+        non_empty=False,
+    )
+    card_label, min_matches = None, 1
+    if section.get("card_numbers") is not None:
+        cards = reader.mapping(
+            section["card_numbers"], "labels.card_numbers", {"label", "min_matches"}
+        )
+        if "label" not in cards:
+            raise reader.fail("labels.card_numbers.label", "required key is missing")
+        card_label = reader.choice(cards["label"], "labels.card_numbers.label", levels)
+        min_matches = reader.integer(
+            cards.get("min_matches", 1), "labels.card_numbers.min_matches", minimum=1
+        )
+    scan_bytes = reader.size(
+        section.get("scan_bytes", ContentConfig.scan_bytes), "labels.scan_bytes"
+    )
+    if scan_bytes > _MAX_SCAN_BYTES:
+        raise reader.fail("labels.scan_bytes", "expected at most 16MiB")
+    return ContentConfig(
+        mip=mip,
+        mip_names=names,
+        markers=markers,
+        card_number_label=card_label,
+        card_number_min_matches=min_matches,
+        scan_bytes=scan_bytes,
+    )
+
+
+def _table(reader: _Reader, value: object, key: str) -> dict[str, object]:
+    """A free-form mapping with non-empty string keys."""
+    if not isinstance(value, dict):
+        raise reader.fail(key, "expected a mapping")
+    for name in value:
+        if not isinstance(name, str) or not name.strip():
+            raise reader.fail(key, f"keys must be non-empty strings, got {name!r}")
+    return value
+
+
+def _marker(reader: _Reader, value: object, key: str, levels: tuple[str, ...]) -> tuple[str, str]:
+    marker = reader.mapping(value, key, {"phrase", "label"})
+    for required in ("phrase", "label"):
+        if required not in marker:
+            raise reader.fail(f"{key}.{required}", "required key is missing")
+    return (
+        reader.string(marker["phrase"], f"{key}.phrase").strip(),
+        reader.choice(marker["label"], f"{key}.label", levels),
+    )
 
 
 def _path_rule(reader: _Reader, value: object, key: str, labels: LabelsConfig) -> PathRule:
@@ -386,10 +544,116 @@ def _spool(reader: _Reader, value: object) -> SpoolConfig:
     )
 
 
+def _access(reader: _Reader, value: object, labels: LabelsConfig) -> AccessConfig:
+    keys = {"reads", "fold_interval", "exempt_executables", "off_for_labels", "off_for_paths"}
+    section = reader.mapping(value, "access", keys)
+    defaults = AccessConfig()
+
+    def executable(item: object, key: str) -> bytes:
+        text = reader.string(item, key)
+        if not text.startswith("/"):
+            raise reader.fail(key, "expected an absolute path to an executable")
+        return os.fsencode(os.path.normpath(text))
+
+    return AccessConfig(
+        reads=reader.boolean(section.get("reads", defaults.reads), "access.reads"),
+        fold_interval=reader.duration(
+            section.get("fold_interval", defaults.fold_interval), "access.fold_interval"
+        ),
+        exempt_executables=reader.sequence(
+            section.get("exempt_executables", []),
+            "access.exempt_executables",
+            executable,
+            non_empty=False,
+        ),
+        off_for_labels=reader.sequence(
+            section.get("off_for_labels", []),
+            "access.off_for_labels",
+            lambda v, k: reader.choice(v, k, labels.levels),
+            non_empty=False,
+        ),
+        off_for_paths=reader.sequence(
+            section.get("off_for_paths", []), "access.off_for_paths", reader.string, non_empty=False
+        ),
+    )
+
+
 def _hashing(reader: _Reader, value: object) -> HashingConfig:
-    section = reader.mapping(value, "hashing", {"max_file_bytes"})
+    section = reader.mapping(value, "hashing", {"max_file_bytes", "max_rate"})
+    rate = section.get("max_rate", 0)
     return HashingConfig(
         max_file_bytes=reader.size(
             section.get("max_file_bytes", HashingConfig.max_file_bytes), "hashing.max_file_bytes"
-        )
+        ),
+        # bytes per second, e.g. 50MiB; 0 (or absent) means no cap
+        max_rate=0 if rate in (0, "0") else reader.size(rate, "hashing.max_rate"),
+    )
+
+
+def _archives(reader: _Reader, value: object) -> ArchivesConfig:
+    keys = {"enabled", "max_members", "max_total_bytes", "max_member_bytes", "max_ratio"}
+    section = reader.mapping(value, "archives", keys)
+    d = ArchiveLimits()
+    limits = ArchiveLimits(
+        max_members=reader.integer(
+            section.get("max_members", d.max_members), "archives.max_members", minimum=1
+        ),
+        max_total_bytes=reader.size(
+            section.get("max_total_bytes", d.max_total_bytes), "archives.max_total_bytes"
+        ),
+        max_member_bytes=reader.size(
+            section.get("max_member_bytes", d.max_member_bytes), "archives.max_member_bytes"
+        ),
+        max_ratio=reader.integer(
+            section.get("max_ratio", d.max_ratio), "archives.max_ratio", minimum=1
+        ),
+    )
+    enabled = section.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise reader.fail("archives.enabled", "expected true or false")
+    return ArchivesConfig(enabled=enabled, limits=limits)
+
+
+def _removable(reader: _Reader, value: object) -> RemovableConfig:
+    section = reader.mapping(value, "removable", {"mount_points", "devices"})
+    return RemovableConfig(
+        mount_points=reader.sequence(
+            section.get("mount_points", []),
+            "removable.mount_points",
+            reader.string,
+            non_empty=False,
+        ),
+        devices=reader.sequence(
+            section.get("devices", []), "removable.devices", reader.string, non_empty=False
+        ),
+    )
+
+
+def _cloud_sync(reader: _Reader, value: object) -> CloudSyncConfig:
+    section = reader.mapping(value, "cloud_sync", {"detect", "homes", "folders"})
+    defaults = CloudSyncConfig()
+    return CloudSyncConfig(
+        detect=reader.boolean(section.get("detect", defaults.detect), "cloud_sync.detect"),
+        homes=reader.path(section["homes"], "cloud_sync.homes")
+        if "homes" in section
+        else defaults.homes,
+        folders=reader.sequence(
+            section.get("folders", []), "cloud_sync.folders", reader.path, non_empty=False
+        ),
+    )
+
+
+def _inotify(reader: _Reader, value: object) -> InotifyConfig:
+    section = reader.mapping(value, "inotify", {"raise_watch_limit", "max_user_watches"})
+    defaults = InotifyConfig()
+    return InotifyConfig(
+        raise_watch_limit=reader.boolean(
+            section.get("raise_watch_limit", defaults.raise_watch_limit),
+            "inotify.raise_watch_limit",
+        ),
+        max_user_watches=reader.integer(
+            section.get("max_user_watches", defaults.max_user_watches),
+            "inotify.max_user_watches",
+            minimum=8192,
+        ),
     )

@@ -23,10 +23,15 @@ DEFAULT_TEMP_GRACE = 10.0
 """Seconds a temp-named file may wait for its rename before it is decided as it is."""
 MAX_UNDECIDED = 10_000
 """Recent writes without a match kept for `recheck` (oldest dropped beyond this)."""
+DEFAULT_RETRY_DELAY = 1.0
+"""Seconds before a file that changed while it was hashed is looked at again."""
+MAX_RETRIES = 3
 
 # rsync writes ".name.XXXXXX" and renames it into place; browsers and editors
-# write *.part / *.crdownload / *.tmp; Office keeps "~$name" lock files.
+# write *.part / *.crdownload / *.tmp; Office keeps "~$name" lock files; Info-ZIP's
+# zip writes "ziXXXXXX" (mkstemp) and renames it (archives are scanned on the rename).
 _RSYNC_TEMP = re.compile(rb"^\..+\.[A-Za-z0-9]{6}$", re.DOTALL)
+_ZIP_TEMP = re.compile(rb"^zi[A-Za-z0-9]{6}$")
 _TEMP_SUFFIXES = (b".part", b".crdownload", b".tmp")
 _TEMP_PREFIXES = (b"~$",)
 
@@ -36,6 +41,7 @@ def is_temp_name(path: bytes) -> bool:
     name = path.rsplit(b"/", 1)[-1]
     return (
         bool(_RSYNC_TEMP.match(name))
+        or bool(_ZIP_TEMP.match(name))
         or name.lower().endswith(_TEMP_SUFFIXES)
         or name.startswith(_TEMP_PREFIXES)
     )
@@ -70,6 +76,8 @@ class WrittenFile:
     """None until the pipeline hashed it (the detector asks with `NeedsHash`)."""
     device: DeviceInfo | None = None
     trigger: WriteTrigger = WriteTrigger.CLOSE
+    attempts: int = 0
+    """Times `CopyDetector.retry` handed it back (it changed while it was hashed)."""
 
     @property
     def identity(self) -> tuple[int, int, int, int]:
@@ -114,7 +122,9 @@ class CopyDetector:
     2. The same (dev, ino, size, mtime_ns) decided within `window` seconds is not
        decided again (cp then chmod, shutil.copy's extra events, close after rename).
     3. A file the index already holds as a detected copy, unchanged, is not a new
-       copy (a rename inside the destination, a rescan).
+       copy (a rename inside the destination, a rescan); nor is it when only its
+       mtime moved and no close says it was written again (`cp -a` sets the mtime
+       after the close).
     4. No labelled file of the same size: nothing. Same size but no hash yet:
        `NeedsHash`. Equal hash: `ExactCopy` of the highest-labelled match
        (originals before copies).
@@ -122,6 +132,10 @@ class CopyDetector:
        index learns a labelled file of that size a moment later (a file saved in a
        sensitive root and copied at once, its events handled out of order),
        `recheck(size)` hands the write back to be decided again.
+    6. A labelled file just deleted (`removed`) stays a candidate for `window`
+       seconds, after the indexed ones: `mv` across filesystems copies then
+       deletes, and the two events may be handled in either order by different
+       workers.
     """
 
     def __init__(
@@ -130,13 +144,19 @@ class CopyDetector:
         *,
         window: float = DEFAULT_WINDOW,
         temp_grace: float = DEFAULT_TEMP_GRACE,
+        retry_delay: float = DEFAULT_RETRY_DELAY,
     ) -> None:
         self._index = index
         self._window = window
         self._temp_grace = temp_grace
+        self._retry_delay = retry_delay
+        self._retries: OrderedDict[tuple[int, int], tuple[WrittenFile, float]] = OrderedDict()
+        self._unclosed: OrderedDict[tuple[int, int], float] = OrderedDict()
+        """Inodes decided before their close (on a create, a scan): the close is no news."""
         self._decided: OrderedDict[tuple[int, int, int, int], float] = OrderedDict()
         self._deferred: OrderedDict[tuple[int, int], tuple[WrittenFile, float]] = OrderedDict()
         self._undecided: OrderedDict[tuple[int, int], tuple[WrittenFile, float]] = OrderedDict()
+        self._removed: OrderedDict[tuple[int, int], tuple[Entry, float]] = OrderedDict()
 
     def feed(self, obs: WrittenFile, now: float) -> list[Decision]:
         self.expire(now)
@@ -158,18 +178,59 @@ class CopyDetector:
             for entry in self._index.candidates(obs.size)
             if not (own_copy and entry.key == key)
         ]
-        if not candidates:
+        removed = [
+            entry
+            for entry, _ in self._removed.values()
+            if entry.size == obs.size and self._index.get(entry.key) is None
+        ]
+        if not candidates and not removed:
             self._remember(obs, now)
             return []
         if obs.sha256 is None:
-            return [NeedsHash(obs, len(candidates))]
-        source = self._index.best(entry for entry in candidates if entry.sha256 == obs.sha256)
+            return [NeedsHash(obs, len(candidates) + len(removed))]
+        unclosed = obs.trigger is WriteTrigger.CLOSE and self._unclosed.pop(key, None) is not None
+        if (
+            own_copy
+            and own is not None
+            and (obs.trigger is not WriteTrigger.CLOSE or unclosed)
+            and (own.size, own.sha256) == (obs.size, obs.sha256)
+        ):
+            # The same bytes, and no close after the one we decided on: only the
+            # mtime moved (cp -a, shutil.copy2 and mv set it after the close, maybe
+            # before we saw the close of a copy decided on its create). Unlike `cp`
+            # writing the same bytes over it again, which closes it again.
+            self._decided[obs.identity] = now
+            return []
+        # A file still indexed (a surviving copy) is a better source than a deleted one.
+        source = self._index.best(e for e in candidates if e.sha256 == obs.sha256)
+        if source is None:
+            source = self._index.best(e for e in removed if e.sha256 == obs.sha256)
         if source is None:
             self._remember(obs, now)
             return []
         self._undecided.pop(key, None)
         self._decided[obs.identity] = now
+        if obs.trigger is not WriteTrigger.CLOSE:
+            self._unclosed.pop(key, None)
+            self._unclosed[key] = now
         return [ExactCopy(obs, source, obs.sha256)]
+
+    def forget(self, key: tuple[int, int]) -> None:
+        """The inode `key` is an original in a sensitive root (again): decide it afresh.
+
+        Without this, moving a labelled file out, back and out again within the window
+        would be deduplicated as "the same write" (rule 2).
+        """
+        for identity in [i for i in self._decided if i[:2] == key]:
+            del self._decided[identity]
+
+    def removed(self, entry: Entry, now: float) -> None:
+        """`entry` left the index (deleted): keep it as a candidate for `window` seconds."""
+        self.expire(now)
+        self._removed.pop(entry.key, None)
+        self._removed[entry.key] = (entry, now)
+        while len(self._removed) > MAX_UNDECIDED:
+            self._removed.popitem(last=False)
 
     def recheck(self, size: int, now: float) -> list[WrittenFile]:
         """Recent undecided writes of `size` bytes, handed back (and forgotten).
@@ -190,19 +251,34 @@ class CopyDetector:
         while len(self._undecided) > MAX_UNDECIDED:
             self._undecided.popitem(last=False)
 
-    def due(self, now: float) -> list[WrittenFile]:
-        """Temp-named files whose rename did not come within the grace period.
+    def retry(self, obs: WrittenFile, now: float) -> bool:
+        """`obs` changed while it was hashed: hand it back from `due` in a moment.
 
-        The caller checks that each still exists unchanged at its path and feeds it
-        again with `trigger=WriteTrigger.SETTLED`.
+        `cp -a`, `shutil.copy2` and `mv` across filesystems set the mtime after the
+        close, and that brings no event of its own; nor does the end of a write we
+        caught half way (a create). False when it was retried `MAX_RETRIES` times.
+        """
+        if obs.attempts >= MAX_RETRIES:
+            return False
+        key = (obs.dev, obs.ino)
+        self._retries.pop(key, None)
+        self._retries[key] = (replace(obs, attempts=obs.attempts + 1), now + self._retry_delay)
+        return True
+
+    def due(self, now: float) -> list[WrittenFile]:
+        """Temp-named files whose rename did not come within the grace period, and retries.
+
+        The caller checks that each still exists at its path (the same inode) and
+        feeds it again, as it is now, with `trigger=WriteTrigger.SETTLED`.
         """
         ready: list[WrittenFile] = []
-        while self._deferred:
-            key, (obs, deadline) = next(iter(self._deferred.items()))
-            if now < deadline:
-                break
-            del self._deferred[key]
-            ready.append(replace(obs, trigger=WriteTrigger.SETTLED))
+        for pending in (self._deferred, self._retries):
+            while pending:  # each holds one delay: deadlines come in insertion order
+                key, (obs, deadline) = next(iter(pending.items()))
+                if now < deadline:
+                    break
+                del pending[key]
+                ready.append(replace(obs, trigger=WriteTrigger.SETTLED))
         return ready
 
     def expire(self, now: float) -> None:
@@ -217,6 +293,16 @@ class CopyDetector:
             if now - at < self._window:
                 break
             del self._undecided[key]
+        while self._removed:
+            key, (_, at) = next(iter(self._removed.items()))
+            if now - at < self._window:
+                break
+            del self._removed[key]
+        while self._unclosed:
+            key, at = next(iter(self._unclosed.items()))
+            if now - at < self._window:
+                break
+            del self._unclosed[key]
 
     def __len__(self) -> int:
         """Decisions still remembered for deduplication."""

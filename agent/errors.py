@@ -4,7 +4,9 @@ AgentError
 ├── ConfigError         bad or missing configuration (exit code 2)
 ├── EnrollError         enrolment refused or collector not trusted
 ├── StateError          agent state directory missing or damaged
+│   └── ReportedStoreError  the record of reported copies cannot be read or written
 ├── LabelError          a file's label could not be read
+├── FanotifyError       fanotify unavailable (not root, kernel, container): fall back
 ├── SpoolError          the durable spool failed
 ├── ShipError           a batch could not be delivered (retried)
 │   └── RejectedError   the collector refused a batch for good
@@ -41,8 +43,16 @@ class StateError(AgentError):
     hint = "enrol first: exfilwatch-agent enroll --collector HOST:PORT --token TOKEN --state DIR"
 
 
+class ReportedStoreError(StateError):
+    hint = "check the state directory's disk and permissions; the file is rebuilt when deleted"
+
+
 class LabelError(AgentError):
     pass
+
+
+class FanotifyError(AgentError):
+    hint = "run the agent as root for reliable attribution; without it, attribution is best effort"
 
 
 class SpoolError(AgentError):

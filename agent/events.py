@@ -118,3 +118,7 @@ class Event:
     detection: DetectionMethod | None = None
     attribution: AttributionMethod = AttributionMethod.UNATTRIBUTED
     gap: CoverageGap | None = None
+    count: int = 1
+    """How many accesses this event stands for: folded repeats of a read (agent.access)."""
+    archive_member: bytes = b""
+    """For ARCHIVE_MEMBER copies: the member's name inside the destination archive (raw bytes)."""

@@ -10,12 +10,14 @@ import errno
 import hashlib
 import logging
 import os
+import sqlite3
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from agent.errors import LabelError
 from agent.events import Sha256Hex
@@ -53,25 +55,109 @@ def display(path: bytes) -> str:
     return path.decode("utf-8", "backslashreplace")
 
 
-def _is_under(path: bytes, prefix: bytes) -> bool:
+_U64 = 1 << 64
+_I64_MAX = (1 << 63) - 1
+
+
+def _signed(n: int) -> int:
+    """st_dev and st_ino are unsigned 64-bit; SQLite integers are signed."""
+    return n - _U64 if n > _I64_MAX else n
+
+
+def _unsigned(n: int) -> int:
+    return n + _U64 if n < 0 else n
+
+
+_INDEX_SCHEMA = (
+    "PRAGMA journal_mode = MEMORY",
+    "PRAGMA synchronous = OFF",
+    # rowid order is insertion order: a replaced entry is deleted and inserted anew.
+    "CREATE TABLE entries (dev INTEGER NOT NULL, ino INTEGER NOT NULL, path BLOB NOT NULL,"
+    " size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL,"
+    " label TEXT NOT NULL, label_source TEXT NOT NULL, is_copy INTEGER NOT NULL,"
+    " UNIQUE (dev, ino), UNIQUE (path))",
+    "CREATE INDEX entries_size ON entries (size)",
+    "CREATE INDEX entries_sha256 ON entries (sha256)",
+    "CREATE TABLE seen (sweep INTEGER NOT NULL, dev INTEGER NOT NULL, ino INTEGER NOT NULL,"
+    " PRIMARY KEY (sweep, dev, ino)) WITHOUT ROWID",
+)
+_COLUMNS = "path, size, mtime_ns, sha256, label, label_source, dev, ino, is_copy"
+_SELECT = f"SELECT {_COLUMNS} FROM entries"  # noqa: S608 (constant text)
+_UNDER = "(path = ?1 OR (path >= ?2 AND path < ?3))"
+"""A path at or below a directory: ?1 the directory, ?2 it + "/", ?3 it + "0" ("/" + 1)."""
+
+
+_UNSEEN = (  # originals under a root (?1-?3) older than the sweep (?4) that it (?5) missed
+    f"is_copy = 0 AND rowid <= ?4 AND {_UNDER} AND NOT EXISTS (SELECT 1 FROM seen s"  # noqa: S608
+    " WHERE s.sweep = ?5 AND s.dev = entries.dev AND s.ino = entries.ino)"
+)
+
+
+def _under_params(prefix: bytes) -> tuple[bytes, bytes, bytes]:
     prefix = prefix.rstrip(b"/")
-    return path == prefix or path.startswith(prefix + b"/")
+    return prefix, prefix + b"/", prefix + b"0"
+
+
+_FILTER_BITS = 1 << 23
+"""Bits of each `_Maybe` filter: 1 MiB."""
+
+
+class _Maybe:
+    """A set of hashes that may answer "yes" wrongly but never "no" wrongly.
+
+    Most files written to a destination have no labelled file of their size and are
+    not indexed themselves; the filters answer that without a query. Bits are never
+    cleared (a removed entry costs later lookups a query, nothing else). 100,000 entries
+    set about 1.2 % of the bits: a false "yes" is that rare.
+    """
+
+    __slots__ = ("_bits",)
+
+    def __init__(self) -> None:
+        self._bits = bytearray(_FILTER_BITS >> 3)
+
+    def add(self, h: int) -> None:
+        """Call under the index lock: the read-modify-write must not race."""
+        h &= _FILTER_BITS - 1
+        self._bits[h >> 3] |= 1 << (h & 7)
+
+    def __contains__(self, h: int) -> bool:
+        h &= _FILTER_BITS - 1
+        return bool(self._bits[h >> 3] & (1 << (h & 7)))
 
 
 class SensitiveIndex:
-    """Thread-safe in-memory index keyed by (st_dev, st_ino).
+    """Thread-safe index of labelled files keyed by (st_dev, st_ino), kept on disk.
 
-    Secondary maps: size -> keys (copy candidates), sha256 -> keys, path -> key.
-    `levels` (lowest first) ranks labels when several entries share a hash.
+    Lookups: by key, by path, by size (copy candidates), by sha256. `levels` (lowest
+    first) ranks labels when several entries share a hash. Entries returned are new
+    values on every call: compare them with ==, never with `is`.
+
+    Storage is a private temporary SQLite database (SQLite creates it under
+    $SQLITE_TMPDIR, $TMPDIR, /var/tmp or /tmp and unlinks it at once, so nothing is left
+    behind, even after a crash) with a page cache of `cache_kib`. As Python objects, each
+    entry cost about 1.3 KB of resident memory: 130 MB for 100,000 labelled files, where
+    the agent's budget is 80 MiB in all (bench/agent.py). A lookup costs a few
+    microseconds more than a dict, and in-memory filters (3 MiB) answer most lookups
+    of files that are not indexed (the common case at a destination) without a query.
     """
 
-    def __init__(self, levels: Sequence[str] = ()) -> None:
+    def __init__(self, levels: Sequence[str] = (), *, cache_kib: int = 2048) -> None:
         self._ranks = {label: i for i, label in enumerate(levels)}
         self._lock = threading.RLock()
-        self._by_key: dict[FileKey, Entry] = {}
-        self._by_size: dict[int, dict[FileKey, None]] = {}
-        self._by_hash: dict[str, dict[FileKey, None]] = {}
-        self._by_path: dict[bytes, FileKey] = {}
+        # "" is a private on-disk temporary database; autocommit, statements are atomic.
+        self._db = sqlite3.connect("", isolation_level=None, check_same_thread=False)
+        for statement in (*_INDEX_SCHEMA, f"PRAGMA cache_size = -{int(cache_kib)}"):
+            self._db.execute(statement)
+        self._sweeps = 0
+        self._keys, self._sizes, self._paths = _Maybe(), _Maybe(), _Maybe()
+        self._strings: dict[str, str] = {}
+        """Labels and label sources are a handful of strings: one object each."""
+
+    def close(self) -> None:
+        """Drop the database (also happens when the process exits, however it exits)."""
+        with self._lock:
+            self._db.close()
 
     def rank(self, label: str) -> int:
         """Rank of a label (higher is more sensitive); -1 when unknown."""
@@ -79,31 +165,51 @@ class SensitiveIndex:
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._by_key)
+            count: int = self._db.execute("SELECT count(*) FROM entries").fetchone()[0]
+            return count
+
+    def _entry(self, row: tuple[Any, ...]) -> Entry:
+        path, size, mtime_ns, sha256, label, source, dev, ino, is_copy = row
+        strings = self._strings
+        return Entry(
+            path, size, mtime_ns, sha256, strings.setdefault(label, label),
+            strings.setdefault(source, source), _unsigned(dev), _unsigned(ino), bool(is_copy),
+        )  # fmt: skip
+
+    def _query(self, where: str, params: tuple[Any, ...]) -> list[Entry]:
+        with self._lock:
+            rows = self._db.execute(f"{_SELECT} WHERE {where} ORDER BY rowid", params).fetchall()
+        return [self._entry(row) for row in rows]
 
     def entries(self) -> list[Entry]:
-        with self._lock:
-            return list(self._by_key.values())
+        """Every entry, oldest first (100,000 entries take some 100 ms: prefer a lookup)."""
+        return self._query("1", ())
+
+    def entries_under(self, prefix: bytes) -> list[Entry]:
+        """Entries at or below directory `prefix`, oldest first."""
+        return self._query(_UNDER, _under_params(prefix))
 
     def get(self, key: FileKey) -> Entry | None:
-        with self._lock:
-            return self._by_key.get(key)
+        if hash(key) not in self._keys:
+            return None
+        found = self._query("dev = ? AND ino = ?", (_signed(key[0]), _signed(key[1])))
+        return found[0] if found else None
 
     def get_path(self, path: bytes) -> Entry | None:
-        with self._lock:
-            key = self._by_path.get(path)
-            return None if key is None else self._by_key[key]
+        if hash(path) not in self._paths:
+            return None
+        found = self._query("path = ?", (path,))
+        return found[0] if found else None
 
     def candidates(self, size: int) -> list[Entry]:
         """Entries of exactly `size` bytes, in insertion order."""
-        with self._lock:
-            return [self._by_key[k] for k in self._by_size.get(size, ())]
+        if size not in self._sizes:
+            return []
+        return self._query("size = ?", (size,))
 
     def by_hash(self, sha256: str) -> Entry | None:
         """The entry with this hash; the highest label wins, then originals over copies."""
-        with self._lock:
-            entries = [self._by_key[k] for k in self._by_hash.get(sha256, ())]
-        return self.best(entries)
+        return self.best(self._query("sha256 = ?", (sha256,)))
 
     def best(self, entries: Iterable[Entry]) -> Entry | None:
         """Highest-ranked entry; on a tie an original beats a copy, then the oldest."""
@@ -117,74 +223,132 @@ class SensitiveIndex:
         return best
 
     def add(self, entry: Entry) -> Entry | None:
-        """Insert or replace the entry for `entry.key`; returns the one replaced."""
+        """Insert or replace the entry for `entry.key`; returns the one replaced.
+
+        Another inode at the same path (replaced by a rename) is dropped too.
+        """
+        row = (
+            _signed(entry.dev), _signed(entry.ino), entry.path, entry.size, entry.mtime_ns,
+            entry.sha256, entry.label, entry.label_source, int(entry.is_copy),
+        )  # fmt: skip
         with self._lock:
-            old = self._remove_key(entry.key)
-            stale = self._by_path.get(entry.path)
-            if stale is not None:
-                # Another inode used to live at this path (replaced by rename).
-                self._remove_key(stale)
-            self._by_key[entry.key] = entry
-            self._by_size.setdefault(entry.size, {})[entry.key] = None
-            self._by_hash.setdefault(entry.sha256, {})[entry.key] = None
-            self._by_path[entry.path] = entry.key
+            old = self.get(entry.key)
+            self._keys.add(hash(entry.key))
+            self._sizes.add(entry.size)
+            self._paths.add(hash(entry.path))
+            # REPLACE deletes every row that conflicts on (dev, ino) or on path.
+            self._db.execute(
+                "INSERT OR REPLACE INTO entries (dev, ino, path, size, mtime_ns, sha256, label,"
+                " label_source, is_copy) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                row,
+            )
             return old
 
     def update(self, entry: Entry) -> bool:
         """Replace an existing entry (same key); False when the key is not indexed."""
         with self._lock:
-            if entry.key not in self._by_key:
+            if self.get(entry.key) is None:
                 return False
             self.add(entry)
             return True
 
-    def remove(self, key: FileKey) -> Entry | None:
+    def _delete(self, where: str, params: tuple[Any, ...]) -> list[Entry]:
         with self._lock:
-            return self._remove_key(key)
+            gone = self._query(where, params)
+            if gone:
+                self._db.execute(f"DELETE FROM entries WHERE {where}", params)  # noqa: S608
+            return gone
+
+    def remove(self, key: FileKey) -> Entry | None:
+        gone = self._delete("dev = ? AND ino = ?", (_signed(key[0]), _signed(key[1])))
+        return gone[0] if gone else None
 
     def remove_path(self, path: bytes) -> Entry | None:
-        with self._lock:
-            key = self._by_path.get(path)
-            return None if key is None else self._remove_key(key)
+        gone = self._delete("path = ?", (path,))
+        return gone[0] if gone else None
 
     def remove_under(self, prefix: bytes) -> int:
         """Remove every entry at or below directory `prefix`; returns how many."""
-        with self._lock:
-            keys = [k for p, k in self._by_path.items() if _is_under(p, prefix)]
-            for key in keys:
-                self._remove_key(key)
-            return len(keys)
+        return len(self._delete(_UNDER, _under_params(prefix)))
 
     def rename(self, old: bytes, new: bytes) -> Entry | None:
         """Follow a rename: the entry at `old` (or below it, for a directory) moves to `new`."""
         with self._lock:
             moved: Entry | None = None
-            for path, key in list(self._by_path.items()):
-                if _is_under(path, old):
-                    entry = self._by_key[key]
-                    renamed = replace(entry, path=new + path[len(old.rstrip(b"/")) :])
-                    self.add(renamed)
-                    if path == old:
-                        moved = renamed
+            for entry in self.entries_under(old):
+                renamed = replace(entry, path=new + entry.path[len(old.rstrip(b"/")) :])
+                self.add(renamed)
+                if entry.path == old:
+                    moved = renamed
             return moved
 
-    def _remove_key(self, key: FileKey) -> Entry | None:
-        entry = self._by_key.pop(key, None)
-        if entry is None:
-            return None
-        same_size = self._by_size.get(entry.size)
-        if same_size is not None:
-            same_size.pop(key, None)
-            if not same_size:
-                del self._by_size[entry.size]
-        same_hash = self._by_hash.get(entry.sha256)
-        if same_hash is not None:
-            same_hash.pop(key, None)
-            if not same_hash:
-                del self._by_hash[entry.sha256]
-        if self._by_path.get(entry.path) == key:
-            del self._by_path[entry.path]
-        return entry
+    # sweeping (Scanner.scan): which entries did a full walk not see?
+
+    def begin_sweep(self) -> Sweep:
+        """Start recording the files a walk sees; `Sweep.finish` removes the others."""
+        with self._lock:
+            self._sweeps += 1
+            mark = self._db.execute("SELECT coalesce(max(rowid), 0) FROM entries").fetchone()[0]
+            return Sweep(self, self._sweeps, mark)
+
+    def _batch(self, *, more: bool) -> None:
+        """Commit the open batch of writes; with `more`, open the next one.
+
+        A walk's writes go in batches: a transaction per statement costs the scan of
+        100,000 small files a quarter of its time. Other threads' statements on the
+        shared connection join the open batch; nothing here needs them apart.
+        """
+        with self._lock:
+            if self._db.in_transaction:
+                self._db.execute("COMMIT")
+            if more:
+                self._db.execute("BEGIN")
+
+    def _seen(self, sweep: int, key: FileKey) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR IGNORE INTO seen VALUES (?, ?, ?)",
+                (sweep, _signed(key[0]), _signed(key[1])),
+            )
+
+    def _sweep(self, sweep: int, mark: int, roots: Sequence[bytes]) -> int:
+        """Remove originals under `roots` that predate the sweep and were not seen."""
+        removed = 0
+        with self._lock:
+            for root in roots:
+                params = (*_under_params(root), mark, sweep)
+                removed += len(self._delete(_UNSEEN, params))
+            self._db.execute("DELETE FROM seen WHERE sweep = ?", (sweep,))
+        return removed
+
+
+SWEEP_BATCH = 256
+"""Files a walk indexes per transaction."""
+
+
+@dataclass
+class Sweep:
+    """One walk's record of the files it saw (rows in the index's database, not memory).
+
+    Only entries that predate the sweep (`mark`: the last rowid then) may be removed:
+    the pipeline keeps indexing, and re-indexing a file re-inserts its row, while we walk.
+    """
+
+    index: SensitiveIndex
+    sweep: int
+    mark: int
+    count: int = 0
+
+    def seen(self, key: FileKey) -> None:
+        if self.count % SWEEP_BATCH == 0:
+            self.index._batch(more=True)
+        self.count += 1
+        self.index._seen(self.sweep, key)
+
+    def finish(self, roots: Sequence[bytes]) -> int:
+        """Remove the originals below `roots` not seen; returns how many."""
+        self.index._batch(more=False)
+        return self.index._sweep(self.sweep, self.mark, roots)
 
 
 class HashFailure(StrEnum):
@@ -218,16 +382,71 @@ class Hasher(Protocol):
     def hash_file(self, path: bytes, expect: os.stat_result | None = None) -> HashOutcome: ...
 
 
+@runtime_checkable
+class Throttled(Protocol):
+    """A hasher with a rate cap that other readers of file bytes (archives) share."""
+
+    def throttle(self, nbytes: int) -> None: ...
+
+
+SMALL_FILE_BYTES = 256 * 1024
+"""Files up to this size are hashed from one read: `hashlib.file_digest` allocates a
+256 KiB buffer per call, which costs more than hashing a small document (most labelled
+files are small; measured in bench/agent.py)."""
+
+BURST_SECONDS = 0.25
+"""A rate cap's bucket holds this many seconds' worth of bytes: short bursts go at
+full speed, anything longer at the cap."""
+
+
+class TokenBucket:
+    """Bytes per second as a token bucket; `take(n)` sleeps off the debt. Thread-safe.
+
+    A taker may overdraw the bucket (a read larger than the burst) and then sleeps until
+    the debt is paid, so the long-run rate holds whatever the read sizes and however many
+    threads share it. The sleep is the throttle itself, in the hashing worker.
+    """
+
+    def __init__(
+        self,
+        rate: int,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = rate
+        self._capacity = max(rate * BURST_SECONDS, 1.0)
+        self._monotonic = monotonic
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._tokens = self._capacity
+        self._last = monotonic()
+
+    def take(self, n: int) -> None:
+        with self._lock:
+            now = self._monotonic()
+            self._tokens = min(self._capacity, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            self._tokens -= n
+            wait = -self._tokens / self.rate
+        if wait > 0:
+            self._sleep(wait)
+
+
 class _Capped:
     """A binary reader over a file descriptor that stops after `limit` bytes.
 
     `hashlib.file_digest` reads to end of file; this keeps it bounded by the size
     seen at open, so a file that keeps growing cannot keep a worker busy.
+    `throttle(n)` is called after each read (the hashing rate cap).
     """
 
-    def __init__(self, fd: int, limit: int) -> None:
+    def __init__(self, fd: int, limit: int, throttle: Callable[[int], None] | None) -> None:
         self._fd = fd
         self._left = limit
+        self._throttle = throttle
 
     def readable(self) -> bool:
         return True
@@ -238,6 +457,8 @@ class _Capped:
         view = memoryview(buf)[: min(len(buf), self._left)]
         n = os.readv(self._fd, [view])
         self._left -= n
+        if self._throttle is not None and n:
+            self._throttle(n)
         return n
 
 
@@ -248,10 +469,42 @@ class FileHasher:
     to be the inode the caller stat'ed, read for exactly the size seen at open
     with `hashlib.file_digest`, and re-checked: a file written meanwhile is
     reported as CHANGED instead of a wrong hash.
+
+    `max_rate` (bytes/s, 0 = off) caps the bytes read by every thread hashing through
+    this hasher together; `throttle` lets other readers (archive members) share it.
+    `monotonic` and `sleep` are the bucket's clock, injectable for tests.
     """
 
-    def __init__(self, max_file_bytes: int) -> None:
+    def __init__(
+        self,
+        max_file_bytes: int,
+        max_rate: int = 0,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.max_file_bytes = max_file_bytes
+        self._bucket = (
+            TokenBucket(max_rate, monotonic=monotonic, sleep=sleep) if max_rate > 0 else None
+        )
+        self._take = None if self._bucket is None else self._bucket.take
+
+    def _read_small(self, fd: int, size: int) -> bytes:
+        """The first `size` bytes (fewer if the file shrank: the re-check catches that)."""
+        data = os.read(fd, size)
+        while len(data) < size:
+            more = os.read(fd, size - len(data))
+            if not more:
+                break
+            data += more
+        if self._take is not None and data:
+            self._take(len(data))
+        return data
+
+    def throttle(self, nbytes: int) -> None:
+        """Account `nbytes` read outside `hash_file` against the rate cap (may sleep)."""
+        if self._take is not None:
+            self._take(nbytes)
 
     def stat(self, path: bytes) -> StatOutcome:
         try:
@@ -280,7 +533,10 @@ class FileHasher:
                 return HashOutcome(failure=HashFailure.CHANGED)
             if before.st_size > self.max_file_bytes:
                 return HashOutcome(st=before, failure=HashFailure.TOO_LARGE)
-            digest = hashlib.file_digest(_Capped(fd, before.st_size), "sha256")
+            if before.st_size <= SMALL_FILE_BYTES:
+                digest = hashlib.sha256(self._read_small(fd, before.st_size))
+            else:
+                digest = hashlib.file_digest(_Capped(fd, before.st_size, self._take), "sha256")
             after = os.fstat(fd)
         except OSError as e:
             return HashOutcome(failure=_failure(e))
@@ -388,10 +644,9 @@ class Scanner:
     def scan(self) -> ScanStats:
         """Walk every root; afterwards drop originals under the roots that were not seen."""
         stats = ScanStats()
-        seen: set[FileKey] = set()
-        # Only entries that predate the scan may be swept: the pipeline keeps
-        # indexing new files while we walk.
-        before = {entry.key: entry for entry in self._index.entries() if not entry.is_copy}
+        # Seen files are recorded in the index's database, not in a set: 100,000 keys
+        # would cost some 15 MB for the length of every rescan.
+        sweep = self._index.begin_sweep()
 
         def on_error(path: bytes, e: OSError) -> None:
             stats.skip(
@@ -404,14 +659,9 @@ class Scanner:
         for root in self._roots:
             for path, st in walk_files(root, on_error):
                 stats.files += 1
-                seen.add((st.st_dev, st.st_ino))
+                sweep.seen((st.st_dev, st.st_ino))
                 self.index_file(path, st, stats)
-        for key, entry in before.items():
-            if key in seen or self._index.get(key) is not entry:
-                continue
-            if any(_is_under(entry.path, root) for root in self._roots):
-                self._index.remove(key)
-                stats.removed += 1
+        stats.removed = sweep.finish(self._roots)
         logger.info(
             "index scan: %d files, %d labelled (%d hashed, %d unchanged), %d vanished, "
             "%d unreadable, %d too large",

@@ -1,8 +1,9 @@
 """The agent's lifecycle: startup() -> run() -> shutdown(), owning every thread it starts.
 
 It wires watcher -> pipeline -> spool -> shipper, reports agent_start/agent_stop,
-turns spool drops into coverage gaps, and exits when a stage dies (a blind agent
-must not look healthy).
+turns spool drops into coverage gaps, restarts a dead watcher or pipeline worker
+(agent.supervisor: reported as a coverage gap, then a rescan), and exits when a
+stage keeps dying (a blind agent must not look healthy).
 """
 
 from __future__ import annotations
@@ -13,21 +14,24 @@ import threading
 import uuid
 
 from agent import __version__
-from agent.attribution import Attributor
+from agent.attribution import Attributor, open_attributor
 from agent.clock import Clock
 from agent.config import AgentConfig
 from agent.copy_detector import CopyDetector
+from agent.destinations import Destinations, DestinationTracker, roots_for
 from agent.errors import AgentError
 from agent.events import Action, CoverageGap, Event, EventId
 from agent.identity import REVOKED, SIGNING_KEY, SPOOL, Identity
 from agent.index import FileHasher, SensitiveIndex
 from agent.pipeline import Pipeline
+from agent.reported import REPORTED, ReportedCopies
 from agent.sdnotify import READY, STOPPING, Notifier, SdNotifier, Watchdog
 from agent.shipper import Shipper, ShipperSettings
 from agent.signer import Signer
 from agent.spool import Spool
 from agent.status import STATUS_INTERVAL_S, AckTrackingSpool, agent_status, write_status
-from agent.watcher import ObservationQueue, Role, Watcher
+from agent.supervisor import Supervisor, restart_watcher
+from agent.watcher import ObservationQueue, Watcher
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +59,11 @@ class AgentService:
         self._spool: Spool | None = None
         self._shipper: Shipper | None = None
         self._watcher: Watcher | None = None
+        self._tracker: DestinationTracker | None = None
         self._pipeline: Pipeline | None = None
+        self._attributor: Attributor | None = None
+        self._reported: ReportedCopies | None = None
+        self._supervisor: Supervisor | None = None
         self._gaps = 0
         self._gaps_lock = threading.Lock()
         self.failure: str | None = None
@@ -119,26 +127,46 @@ class AgentService:
         )
         self._shipper.start()
         self.emit(self._event(Action.AGENT_START))
+        try:
+            self._reported = ReportedCopies.open(state / REPORTED)
+        except AgentError:
+            # Degraded, not blind: without it a restart may report a copy twice.
+            logger.exception("cannot open the record of reported copies: continuing without it")
         index = SensitiveIndex(config.labels.levels)
         observations: ObservationQueue = queue.Queue(maxsize=config.queue_size)
         self._observations = observations
-        roots = [(root, Role.SENSITIVE) for root in config.sensitive_roots]
-        roots += [(dest.path, Role.DESTINATION) for dest in config.destinations]
-        self._watcher = Watcher(roots, observations)
+        destinations = Destinations.from_config(config)
+        self._watcher = Watcher(
+            roots_for(destinations, config.sensitive_roots),
+            observations,
+            observe_reads=config.access.reads,
+            raise_watch_limit_to=(
+                config.inotify.max_user_watches if config.inotify.raise_watch_limit else None
+            ),
+        )
+        self._tracker = DestinationTracker(config, destinations, self._watcher)
+        # fanotify when root (tier 1), else best effort; logged once either way.
+        self._attributor = open_attributor(
+            config.sensitive_roots, [dest.path for dest in config.destinations]
+        )
         self._pipeline = Pipeline(
             config,
             index,
             CopyDetector(index),
-            Attributor(),
-            FileHasher(config.hashing.max_file_bytes),
+            self._attributor,
+            FileHasher(config.hashing.max_file_bytes, config.hashing.max_rate),
             self.emit,
             self._clock,
             observations=observations,
             drops=self._watcher.take_dropped,
+            destinations=destinations,
+            reported=self._reported,
         )
+        self._supervisor = Supervisor(self._watcher.healthy, self._restart_watcher, self._pipeline)
         self._pipeline.start()
         # Watch before the first scan: a copy made during the scan is still seen.
         self._watcher.start()
+        self._tracker.start()  # mounts and sync folders; before the scan, which walks them
         self._pipeline.rescan()
         logger.info(
             "agent %s running: %d labelled files indexed, %d sensitive roots, %d destinations",
@@ -161,9 +189,12 @@ class AgentService:
                 logger.warning("spool full: dropped %d events", dropped)
                 gap = self._event(Action.COVERAGE_GAP, CoverageGap("spool_dropped", dropped))
                 self.emit(gap, reported_drops=dropped)
-            if self._pipeline.failure is not None or not self._pipeline.alive:
-                self.failure = "pipeline worker died"
-            elif not self._watcher.healthy():
+            # A dead watcher or worker is restarted, reported and rescanned; only one
+            # that keeps dying (or cannot come back) stops the agent.
+            failure = self._supervisor.check(self._clock.monotonic()) if self._supervisor else None
+            if failure is not None:
+                self.failure = failure
+            elif self._tracker is not None and not self._tracker.healthy():
                 self.failure = "filesystem watcher died"
             elif self._shipper is not None and self._shipper.revoked:
                 self.revoked = True
@@ -186,13 +217,25 @@ class AgentService:
                 logger.error("%s: stopping so the service manager restarts the agent", self.failure)
                 return
 
+    def _restart_watcher(self) -> None:
+        """The supervisor's way to revive a dead watcher (with the roots added meanwhile)."""
+        if self._watcher is None:
+            raise AgentError("agent not started")
+        restart_watcher(self._watcher)
+
     def shutdown(self, flush_s: float = 5.0) -> None:
         """Stop watching, finish queued work, report agent_stop, deliver what is spooled."""
         self._notifier.notify(STOPPING)
+        if self._tracker is not None:
+            self._tracker.stop()
         if self._watcher is not None:
             self._watcher.stop()
         if self._pipeline is not None:
             self._pipeline.stop()
+        if self._attributor is not None:
+            self._attributor.close()
+        if self._reported is not None:
+            self._reported.close()
         if self._spool is not None:
             try:
                 self.emit(self._event(Action.AGENT_STOP))

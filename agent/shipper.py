@@ -4,6 +4,13 @@ Batches close at max events/bytes, at max_delay, or after a short linger when
 nothing is in flight (so a lone copy is not held back a whole second).
 Delivery is at least once: a batch leaves the spool only after the collector's
 acknowledgement; retries resend the same bytes.
+
+At most one batch is sealed and unacknowledged at a time (batches are sent one after
+the other, so a second one would only wait): during a collector outage the events keep
+arriving as pending events, which the spool's byte cap can still rank and drop least
+sensitive first, rather than as signed batches it must keep whole (agent.spool).
+A failed or refused send is retried after a jittered backoff that new events do not
+cut short: `wake()` only says there is something to seal.
 """
 
 from __future__ import annotations
@@ -60,6 +67,9 @@ class ShipperSettings:
     max_events: int = 500
     max_bytes: int = 1024 * 1024
     max_delay_ns: int = 1_000_000_000
+    """While a batch waits for the collector nothing is sealed (a batch is sealed, after
+    `linger_ns`, only when none is unacknowledged), so the spool is fsynced this often
+    instead: a power loss then loses no more than sealing every max_delay did."""
     linger_ns: int = 50_000_000
     heartbeat_s: float = 30.0
     call_timeout_s: float = 15.0
@@ -89,10 +99,18 @@ class Shipper:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._flush_deadline = 0.0
+        self._retry_at = 0.0
+        """Monotonic time before which the unacknowledged batch is not sent again."""
+        self._next_sync = 0.0
+        """Monotonic time of the next spool fsync while a batch waits (see max_delay_ns)."""
+        self._unsynced = False
+        """Events were appended (wake) since the last fsync of the spool."""
         self._thread = threading.Thread(target=self._run, name="shipper")
         self._rng = random.Random()  # noqa: S311 (jitter, not security)
         self._channel: grpc.Channel | None = None
         self.acked_batches = 0
+        self.send_failures = 0
+        """Batch sends that failed or were refused (each one is followed by a backoff)."""
         self.connected = False
         self.revoked = False
         self.renewals = 0
@@ -131,11 +149,18 @@ class Shipper:
         logger.info("client certificate renewed; valid until %s", time.ctime(self._cert_expiry))
 
     def wake(self) -> None:
+        """New events are pending. Does not cut a retry backoff short (see `_run`)."""
+        self._unsynced = True
         self._wake.set()
 
     def stop(self, flush_s: float = 5.0) -> None:
-        """Seal what is pending and try to deliver it for up to `flush_s`, then stop."""
+        """Try to deliver what is pending for up to `flush_s`, then stop.
+
+        One attempt is made at once even during a backoff: stopping happens once, it
+        cannot hammer the collector, and the flush window is short.
+        """
         self._flush_deadline = self._clock.monotonic() + flush_s
+        self._retry_at = 0.0
         self._stopping.set()
         self._wake.set()
         if self._thread.is_alive():
@@ -143,16 +168,34 @@ class Shipper:
         if self._channel is not None:
             self._channel.close()
 
-    def _seal_due(self, now_ns: int, idle: bool) -> None:
+    def _seal_next(self, now_ns: int) -> SealedBatch | None:
+        """Seal the next batch if one is due; call only when no sealed batch is unsent.
+
+        Nothing is in flight then, so a batch is due after the short linger (or at
+        once while stopping). Only one is sealed: the rest stay pending, and rankable.
+        """
         s = self._settings
-        max_age = s.linger_ns if idle else s.max_delay_ns
-        if self._stopping.is_set():
-            max_age = 0
-        while self._spool.should_seal(
+        max_age = 0 if self._stopping.is_set() else s.linger_ns
+        if not self._spool.should_seal(
             now_ns, max_events=s.max_events, max_bytes=s.max_bytes, max_age_ns=max_age
         ):
-            if self._spool.seal(now_ns, max_events=s.max_events, max_bytes=s.max_bytes) is None:
-                break
+            return None
+        return self._spool.seal(now_ns, max_events=s.max_events, max_bytes=s.max_bytes)
+
+    def _sync_pending(self) -> float | None:
+        """While a batch waits, keep new pending events as durable as sealing them would.
+
+        Returns the seconds until the next fsync is due; None when none is needed.
+        """
+        if not self._unsynced or self._spool.depth()[0] == 0:
+            return None
+        now = self._clock.monotonic()
+        if now < self._next_sync:
+            return self._next_sync - now
+        self._unsynced = False  # before the fsync: a wake() during it asks for another
+        self._spool.sync()
+        self._next_sync = now + max(0.01, self._settings.max_delay_ns / 1e9)
+        return None
 
     def _call_timeout(self) -> float:
         """The call deadline; while stopping, no later than the end of the flush."""
@@ -181,6 +224,7 @@ class Shipper:
             ack = self._stub.UploadBatch(request, timeout=self._call_timeout(), wait_for_ready=True)
         except grpc.RpcError as e:
             self.connected = False
+            self.send_failures += 1
             self._check_revoked(e)
             code = e.code()
             if code in _REFUSED:
@@ -192,6 +236,7 @@ class Shipper:
             return False
         if ack.batch_seq != batch.batch_seq or ack.batch_digest != batch.digest:
             logger.error("acknowledgement does not match batch %d; will resend", batch.batch_seq)
+            self.send_failures += 1
             return False
         self._spool.ack(batch.batch_seq)
         self.connected = True
@@ -257,15 +302,22 @@ class Shipper:
                 next_heartbeat = now + (
                     running.heartbeat_s if running else self._settings.heartbeat_s
                 )
-            batch = self._spool.next_unacked()
-            self._seal_due(self._clock.wall_ns(), idle=batch is None)
-            batch = batch or self._spool.next_unacked()
-            if batch is not None:
+            batch = self._spool.next_unacked() or self._seal_next(self._clock.wall_ns())
+            wait_s = self._retry_at - self._clock.monotonic()
+            if batch is not None and wait_s > 0:
+                # Backing off: a wake() (new events) is no reason to resend sooner, but
+                # the events it announced are fsynced on time.
+                sync_in = self._sync_pending()
+                delay = wait_s if sync_in is None else min(wait_s, sync_in)
+            elif batch is not None:
                 if self._send(batch):
                     attempt = 0
                     continue
                 delay = next_delay(attempt, self._rng, cap=self._settings.max_backoff_s)
+                self._retry_at = self._clock.monotonic() + delay
                 attempt += 1
+                sync_in = self._sync_pending()
+                delay = delay if sync_in is None else min(delay, sync_in)
             else:
                 pending, _ = self._spool.depth()
                 if self._stopping.is_set() and pending == 0:

@@ -2,17 +2,21 @@
 
 The handler decides nothing and never blocks: a slow or raising handler makes the
 kernel queue overflow or kills watchdog's dispatcher (FIELD-NOTES §1.5, §8.2).
+Roots can be added and removed while it runs (mounts come and go: agent.destinations),
+and a full inotify watch table is reported instead of skipped silently (§1.6).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import TypeAlias
@@ -31,9 +35,21 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers import Observer
-from watchdog.observers.api import BaseObserver
+from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver, ObservedWatch
 
-from agent.errors import ConfigError
+from agent.errors import AgentError, ConfigError
+
+try:  # Linux only; elsewhere watchdog's own observer is used, without watch-limit hooks
+    from watchdog.observers.inotify import InotifyEmitter, InotifyObserver
+    from watchdog.observers.inotify_c import (
+        CallbackId,
+        InotifyFD,
+        Mask,
+        WatchCallback,
+        WatchDescriptor,
+    )
+except (ImportError, OSError):  # pragma: no cover - not Linux
+    InotifyObserver = None  # type: ignore[assignment,misc]
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +80,10 @@ class ObservationKind(StrEnum):
     OVERFLOW = "overflow"
     """The kernel dropped events (IN_Q_OVERFLOW): a coverage gap, rescan."""
     WATCH_LOST = "watch_lost"
-    """A watch died (root deleted, rebuild failed): a coverage gap."""
+    """A watch died (root deleted, rebuild failed) or a new root could not be watched."""
+    WATCH_LIMIT = "watch_limit"
+    """inotify_add_watch failed with ENOSPC: `path` (below `root`) and what is added
+    after it go unwatched, which watchdog 7 would not tell anyone (FIELD-NOTES §1.6)."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +107,13 @@ class Observation:
 
 ObservationQueue: TypeAlias = "queue.Queue[Observation | None]"
 """Bounded queue from the watcher to the pipeline; None is the consumers' stop sentinel."""
+
+MAX_USER_WATCHES = Path("/proc/sys/fs/inotify/max_user_watches")
+"""The per-user inotify watch limit (shared with IDEs and indexers of the same uid)."""
+WATCH_LIMIT_REPORT_INTERVAL = 1.0
+"""Seconds between two WATCH_LIMIT observations for one root (a big tree fails many times)."""
+_BENIGN_ERRORS = ("called when the thread is inactive",)
+"""watchdog logs this at ERROR when an emitter is stopped during a read: nothing was lost."""
 
 _KINDS: dict[type[FileSystemEvent], ObservationKind] = {
     FileClosedEvent: ObservationKind.CLOSED_WRITE,
@@ -118,8 +144,35 @@ _EVENT_FILTER: list[type[FileSystemEvent]] = [
 _SENSITIVE_EXTRA: list[type[FileSystemEvent]] = [FileModifiedEvent, FileAttribEvent]
 
 
+def _is_under(path: bytes, root: bytes) -> bool:
+    return path == root or path.startswith(root + b"/")
+
+
+def raise_watch_limit(target: int, *, path: Path = MAX_USER_WATCHES) -> bool:
+    """Raise the inotify watch limit in `path` to `target` if it is lower; True if raised.
+
+    Needs root (for the real sysctl); a refusal is logged and answered False.
+    """
+    try:
+        current = int(path.read_text().strip() or 0)
+        if current >= target:
+            return False
+        path.write_text(f"{target}\n")
+    except (OSError, ValueError) as e:
+        logger.warning("cannot raise the inotify watch limit in %s to %d: %s", path, target, e)
+        return False
+    logger.warning("raised the inotify watch limit from %d to %d (%s)", current, target, path)
+    return True
+
+
 class _Handler(FileSystemEventHandler):
-    """One per root: maps the event class to a kind and enqueues. Nothing else."""
+    """One per root: maps the event class to a kind and enqueues. Nothing else.
+
+    Events inside a nested root of the same role (a mount below this root, watched
+    on its own) are left to that root's handler: the watch on this root may reach
+    into the mount (a recursive walk crosses mount points), and the nested root's
+    destination (a USB stick's identity) is the one that counts.
+    """
 
     def __init__(self, watcher: Watcher, root: bytes, role: Role) -> None:
         super().__init__()
@@ -132,6 +185,9 @@ class _Handler(FileSystemEventHandler):
         if kind is None:
             return
         path = os.fsencode(event.src_path)
+        nested = self._watcher.nested.get((self._root, self._role))
+        if nested and any(_is_under(path, inner) for inner in nested):
+            return
         if kind is ObservationKind.DIR_DELETED and path == self._root:
             kind = ObservationKind.WATCH_LOST
         dest = os.fsencode(event.dest_path) if kind is ObservationKind.MOVED_IN else b""
@@ -157,11 +213,74 @@ class _WatchdogLogHandler(logging.Handler):
         message = record.getMessage().lower()
         if record.name == WATCHDOG_LOGGERS[0] and "overflow" in message:
             kind = ObservationKind.OVERFLOW
-        elif record.levelno >= logging.ERROR:
+        elif record.levelno >= logging.ERROR and not any(b in message for b in _BENIGN_ERRORS):
             kind = ObservationKind.WATCH_LOST
         else:
             return
         self._watcher.put(Observation(kind, b"", b"", None, self._watcher.now()))
+
+
+LimitHook = Callable[[bytes, bytes], None]
+"""`hook(root, path)`: watching `path` below the watched `root` failed with ENOSPC."""
+
+
+if InotifyObserver is not None:
+
+    class _LimitReportingFD(InotifyFD):
+        """watchdog's inotify instance, telling us about ENOSPC before watchdog swallows it.
+
+        watchdog 7 skips a subfolder it cannot watch without a word (#1157); the
+        failure passes here first. The hook runs in whichever thread adds watches
+        (ours, or watchdog's reader when a new folder appears) and must not block.
+        """
+
+        def __init__(self, hook: LimitHook) -> None:
+            super().__init__()
+            self._limit_hook = hook
+
+        def add_callback(
+            self, path: bytes, mask: Mask, callback: WatchCallback, id_: CallbackId
+        ) -> WatchDescriptor:
+            try:
+                return super().add_callback(path, mask, callback, id_)
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    self._limit_hook(getattr(callback, "path", path), path)
+                raise
+
+    class _LimitReportingObserver(InotifyObserver):
+        """InotifyObserver built on `_LimitReportingFD` (its __init__, with our fd)."""
+
+        def __init__(self, hook: LimitHook) -> None:
+            self._inotify_fd = _LimitReportingFD(hook)
+            self._inotify_fd.start()
+            BaseObserver.__init__(
+                self, InotifyEmitter, timeout=DEFAULT_OBSERVER_TIMEOUT, inotify_fd=self._inotify_fd
+            )
+
+
+def _new_observer(hook: LimitHook) -> BaseObserver:
+    if InotifyObserver is None:  # pragma: no cover - not Linux
+        return Observer()
+    return _LimitReportingObserver(hook)
+
+
+@dataclass
+class _Root:
+    role: Role
+    watch: ObservedWatch
+    dynamic: bool
+    """Added while running (a mount, a sync folder): its death is a gap, not a failure."""
+
+
+@dataclass
+class _LimitState:
+    hits: int = 0
+    generation: int = 0
+    """Bumped each time the limit was raised: a root that failed before may now fit."""
+    pending: dict[bytes, int] = field(default_factory=dict)
+    """Roots waiting for a re-watch -> generation when they failed."""
+    reported: dict[bytes, float] = field(default_factory=dict)
 
 
 class Watcher:
@@ -176,8 +295,20 @@ class Watcher:
     existing file); destinations do not need them. When the queue is full the
     observation is dropped and counted (`dropped`, `take_dropped()`): the
     pipeline reports a coverage gap and rescans. Reads
-    (`FileClosedNoWriteEvent`) are off by default: nothing consumes them yet and
-    every hash the agent computes would come back as one.
+    (`FileClosedNoWriteEvent`) are observed with `observe_reads` (the service sets
+    it from `access.reads`); the pipeline tells the agent's own reads apart
+    (agent.access.OwnReads).
+
+    While running, `add_root` watches (or watches again: the path now leads to a
+    new filesystem) and `remove_root` stops watching; both are synchronous, and
+    a root that cannot be watched is reported as an observation (WATCH_LOST, or
+    WATCH_LIMIT), not raised, so it reaches the collector as a coverage gap.
+
+    Watch limit: every ENOSPC from inotify_add_watch becomes a WATCH_LIMIT
+    observation (at most one per root per second). With `raise_watch_limit_to`
+    the limit file (`max_user_watches`, a parameter for tests) is raised to that
+    value and the roots that hit the limit are watched again by a small repair
+    thread, so the folders skipped meanwhile are covered.
     """
 
     def __init__(
@@ -187,8 +318,10 @@ class Watcher:
         *,
         observe_reads: bool = False,
         monotonic: Callable[[], float] = time.monotonic,
+        raise_watch_limit_to: int | None = None,
+        max_user_watches: Path = MAX_USER_WATCHES,
     ) -> None:
-        self._roots = tuple((os.fsencode(path), role) for path, role in roots)
+        self._initial = tuple((os.fsencode(path), role) for path, role in roots)
         self._queue = observations
         reads = [FileClosedNoWriteEvent] if observe_reads else []
         self._filters = {
@@ -196,10 +329,25 @@ class Watcher:
             Role.DESTINATION: [*_EVENT_FILTER, *reads],
         }
         self.now = monotonic
+        self._raise_to = raise_watch_limit_to
+        self._limit_file = max_user_watches
         self._lock = threading.Lock()
+        """Guards counters only; never held while calling watchdog."""
         self._dropped = 0
         self._dropped_unreported = 0
+        self._limit = _LimitState()
+        self._roots_lock = threading.RLock()
+        """Serialises schedule/unschedule. Never taken in watchdog's threads (they hold
+        watchdog's locks that unschedule needs)."""
+        self._roots: dict[tuple[bytes, Role], _Root] = {}
+        self.nested: dict[tuple[bytes, Role], tuple[bytes, ...]] = {}
+        """(root, role) -> dynamic roots of that role strictly inside it; read lock-free by
+        the handlers, replaced whole under `_roots_lock`."""
+        self._role_of: dict[bytes, Role] = {}
+        """Root -> role, for the watch-limit hook (lock-free, replaced whole)."""
         self._observer: BaseObserver | None = None
+        self._repairs: queue.Queue[bytes | None] = queue.Queue()
+        self._repairer: threading.Thread | None = None
         self._log_handler = _WatchdogLogHandler(self)
         self._saved_levels: dict[str, int] = {}
 
@@ -208,6 +356,12 @@ class Watcher:
         """Observations dropped because the queue was full, since start."""
         with self._lock:
             return self._dropped
+
+    @property
+    def watch_limit_hits(self) -> int:
+        """Folders that could not be watched because the watch limit was reached."""
+        with self._lock:
+            return self._limit.hits
 
     def take_dropped(self) -> int:
         """Drops not yet taken by a previous call (the pipeline polls this)."""
@@ -224,50 +378,221 @@ class Watcher:
                 self._dropped += 1
                 self._dropped_unreported += 1
 
+    def roots(self) -> list[tuple[bytes, Role]]:
+        """What is watched now."""
+        with self._roots_lock:
+            return list(self._roots)
+
     def healthy(self) -> bool:
         """True while the observer, its emitters and its inotify reader thread all run.
 
         A thread that died (for example the reader, when a watchdog warning is turned
         into an exception by `-W error`) means silent blindness: the service polls this.
+        Emitters of roots added while running do not count: a sync folder that was
+        deleted was reported as WATCH_LOST and is not a reason to restart the agent.
         """
         observer = self._observer
         if observer is None or not observer.is_alive():
             return False
-        if not all(emitter.is_alive() for emitter in observer.emitters):
+        with self._roots_lock:
+            static = {r.watch for r in self._roots.values() if not r.dynamic}
+            emitters = [e for e in observer.emitters if e.watch in static]
+        if not all(emitter.is_alive() for emitter in emitters):
+            return False
+        if self._repairer is not None and not self._repairer.is_alive():
             return False
         # InotifyObserver's reader thread is private; other observers have none.
         reader = getattr(observer, "_inotify_fd", None)
         return reader is None or bool(reader.is_alive())
 
     def start(self) -> None:
+        """Start the observer, then watch each root (synchronously: watched on return)."""
         self._attach_log_handler()
-        observer = Observer()
-        try:
-            for root, role in self._roots:
-                # watchdog annotates `path` as str | Path, but bytes works and is the
-                # only way to get bytes back in events (FIELD-NOTES §1.7).
-                observer.schedule(
-                    _Handler(self, root, role),
-                    root,  # type: ignore[arg-type]
-                    recursive=True,
-                    event_filter=self._filters[role],
-                )
-            observer.start()
-        except OSError as e:
-            self._stop_observer(observer)
-            self._detach_log_handler()
-            # watchdog's OSError does not say which root failed
-            bad = [root for root, _ in self._roots if not os.path.isdir(root)]
-            where = ", ".join(r.decode("utf-8", "backslashreplace") for r in bad or [b"a root"])
-            raise ConfigError(f"cannot watch {where}: {e.strerror}") from e
+        observer = _new_observer(self._limit_hit)
         self._observer = observer
-        logger.info("watching %d roots", len(self._roots))
+        observer.start()
+        if self._raise_to is not None:
+            self._repairer = threading.Thread(target=self._repair, name="exfilwatch-watch-repair")
+            self._repairer.start()
+        root = b""
+        try:
+            with self._roots_lock:
+                for root, role in self._initial:
+                    self._schedule(root, role, dynamic=False)
+        except OSError as e:
+            self.stop()
+            raise ConfigError(f"cannot watch {_display(root)}: {e.strerror}") from e
+        logger.info("watching %d roots", len(self._initial))
 
     def stop(self) -> None:
+        repairer, self._repairer = self._repairer, None
+        if repairer is not None:
+            self._repairs.put(None)
+            repairer.join()
         observer, self._observer = self._observer, None
         if observer is not None:
             self._stop_observer(observer)
+        with self._roots_lock:
+            self._roots.clear()
+            self.nested = {}
         self._detach_log_handler()
+
+    def add_root(self, path: Path | bytes, role: Role) -> bool:
+        """Watch `path` recursively from now on, or again if it is watched already.
+
+        "Again" is for a path that leads somewhere new: a filesystem was mounted on
+        it, or unmounted from it; the old watches sit on the old inodes. True when
+        watched; False when it could not be (reported as an observation).
+        """
+        root = os.fsencode(path)
+        with self._roots_lock:
+            if self._observer is None:
+                raise AgentError("the watcher is not running")
+            existing = self._roots.get((root, role))
+            if existing is not None:
+                self._unschedule(root, role)
+            try:
+                self._schedule(root, role, dynamic=existing is None or existing.dynamic)
+            except OSError as e:
+                logger.warning("cannot watch %s: %s", _display(root), e.strerror)
+                if e.errno != errno.ENOSPC:  # ENOSPC: the limit hook reported it already
+                    self.put(Observation(ObservationKind.WATCH_LOST, root, root, role, self.now()))
+                return False
+        logger.info("watching %s (%s)", _display(root), role)
+        return True
+
+    def remove_root(self, path: Path | bytes, role: Role | None = None) -> bool:
+        """Stop watching `path` (in `role`, or in every role). True if it was watched.
+
+        Orderly: no observation is made (an unmount is not a coverage gap).
+        """
+        root = os.fsencode(path)
+        removed = False
+        with self._roots_lock:
+            for key in [k for k in self._roots if k[0] == root and role in (None, k[1])]:
+                self._unschedule(*key)
+                removed = True
+        if removed:
+            logger.info("stopped watching %s", _display(root))
+        return removed
+
+    # scheduling (under _roots_lock)
+
+    def _schedule(self, root: bytes, role: Role, *, dynamic: bool) -> None:
+        observer = self._observer
+        if observer is None:
+            raise AgentError("the watcher is not running")
+        self._role_of = {**self._role_of, root: role}  # the limit hook may need it now
+        try:
+            try:
+                watch = self._schedule_once(observer, root, role)
+            except OSError as e:
+                # The root itself did not fit: raise the limit now and try once more.
+                if e.errno != errno.ENOSPC or not self._raise_limit():
+                    raise
+                watch = self._schedule_once(observer, root, role)
+            self._roots[(root, role)] = _Root(role, watch, dynamic)
+        finally:
+            self._update_nested()
+
+    def _schedule_once(self, observer: BaseObserver, root: bytes, role: Role) -> ObservedWatch:
+        # watchdog annotates `path` as str | Path, but bytes works and is the only
+        # way to get bytes back in events (FIELD-NOTES §1.7). On a running observer
+        # schedule() starts the emitter, which adds every watch before returning.
+        return observer.schedule(
+            _Handler(self, root, role),
+            root,  # type: ignore[arg-type]
+            recursive=True,
+            event_filter=self._filters[role],
+        )
+
+    def _unschedule(self, root: bytes, role: Role) -> None:
+        entry = self._roots.pop((root, role))
+        self._update_nested()
+        observer = self._observer
+        if observer is not None:
+            with contextlib.suppress(KeyError):  # its emitter was already gone
+                observer.unschedule(entry.watch)
+
+    def _update_nested(self) -> None:
+        nested: dict[tuple[bytes, Role], tuple[bytes, ...]] = {}
+        for root, role in self._roots:
+            inner = tuple(
+                other
+                for (other, other_role), other_entry in self._roots.items()
+                if other_role is role
+                and other_entry.dynamic
+                and other != root
+                and _is_under(other, root)
+            )
+            if inner:
+                nested[(root, role)] = inner
+        self.nested = nested
+        self._role_of = dict(self._roots.keys())
+
+    # watch limit
+
+    def _limit_hit(self, root: bytes, path: bytes) -> None:
+        """ENOSPC while watching `path` below `root`; runs in watchdog's threads too."""
+        now = self.now()
+        with self._lock:
+            state = self._limit
+            state.hits += 1
+            last = state.reported.get(root)
+            report = last is None or now - last >= WATCH_LIMIT_REPORT_INTERVAL
+            if report:
+                state.reported[root] = now
+            # The root itself failing is retried by _schedule; a folder below it is
+            # repaired by watching the whole root again once the limit was raised.
+            repair = self._raise_to is not None and path != root and root not in state.pending
+            if repair:
+                state.pending[root] = state.generation
+        if report:
+            logger.warning(
+                "inotify watch limit reached: %s (below %s) is not watched",
+                _display(path),
+                _display(root),
+            )
+            role = self._role_of.get(root)
+            self.put(Observation(ObservationKind.WATCH_LIMIT, path, root, role, now))
+        if repair:
+            self._repairs.put_nowait(root)
+
+    def _raise_limit(self) -> bool:
+        """Raise the limit if configured; True if it is higher than when last raised."""
+        if self._raise_to is None:
+            return False
+        with self._lock:
+            generation = self._limit.generation
+        if not raise_watch_limit(self._raise_to, path=self._limit_file):
+            return False
+        with self._lock:
+            if self._limit.generation == generation:
+                self._limit.generation += 1
+        return True
+
+    def _repair(self) -> None:
+        """Thread: watch roots again whose folders were skipped, once the limit was raised."""
+        while (root := self._repairs.get()) is not None:
+            with self._lock:
+                failed_at = self._limit.pending.get(root, -1)
+                current = self._limit.generation
+            if current == failed_at:
+                self._raise_limit()
+            with self._lock:
+                raised = self._limit.generation > failed_at
+                self._limit.pending.pop(root, None)
+            if not raised:
+                logger.warning(
+                    "the inotify watch limit is already %d or more: folders below %s stay "
+                    "unwatched",
+                    self._raise_to,
+                    _display(root),
+                )
+                continue
+            with self._roots_lock:
+                for role in [r for (p, r) in self._roots if p == root]:
+                    self.add_root(root, role)
 
     @staticmethod
     def _stop_observer(observer: BaseObserver) -> None:
@@ -293,3 +618,7 @@ class Watcher:
             wd_logger.removeHandler(self._log_handler)
             if name in self._saved_levels:
                 wd_logger.setLevel(self._saved_levels.pop(name))
+
+
+def _display(path: bytes) -> str:
+    return path.decode("utf-8", "backslashreplace")

@@ -12,7 +12,9 @@ import psutil
 import pytest
 
 from agent.attribution import Attributor, user_name
-from agent.events import AttributionMethod
+from agent.events import AttributionMethod, ProcessInfo, UserInfo
+from agent.fanotify import Access, MarkScope
+from agent.proccache import ProcessFacts
 
 HOLDER = (
     "import sys; f = open(sys.argv[1], sys.argv[2]); print('ready', flush=True); sys.stdin.read()"
@@ -99,3 +101,117 @@ def test_an_exhausted_budget_or_vanished_processes_never_raise(tmp_path, holder)
 
 def test_unknown_uid_is_shown_as_a_number() -> None:
     assert user_name(2**31 - 7) == str(2**31 - 7)
+
+
+# The tiers in order, with a fake fanotify (the real one: tests/agent/test_fanotify.py).
+
+WRITER = ProcessInfo(pid=4321, start_time_ns=17, exe=b"/usr/bin/cp", name="cp")
+ALICE = UserInfo(login="alice", effective="root", uid=0)
+
+
+def facts(process: ProcessInfo, user: UserInfo) -> ProcessFacts:
+    return ProcessFacts(process, user, start_ticks=1, complete=True)
+
+
+class FakeAccessLog:
+    """Records by inode, as agent.fanotify.Fanotify keeps them; counts flushes."""
+
+    def __init__(self) -> None:
+        self.writers: dict[tuple[int, int], Access] = {}
+        self.readers: dict[tuple[int, int], Access] = {}
+        self.flushes = 0
+        self.stopped = False
+
+    def last_writer(self, dev: int, ino: int) -> Access | None:
+        return self.writers.get((dev, ino))
+
+    def last_reader(self, dev: int, ino: int) -> Access | None:
+        return self.readers.get((dev, ino))
+
+    def flush(self, timeout: float) -> bool:
+        self.flushes += 1
+        return True
+
+    def mark(self, path: bytes, mask: int, scope: MarkScope = MarkScope.MOUNT) -> None:
+        pass
+
+    def add_scope(self, prefix: bytes) -> None:
+        pass
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.stopped = True
+
+
+@pytest.fixture
+def written(tmp_path: Path) -> tuple[bytes, os.stat_result]:
+    path = tmp_path / "copy.pdf"
+    path.write_bytes(b"data")
+    return os.fsencode(path), os.stat(path)
+
+
+def test_a_fanotify_record_answers_first(written) -> None:
+    path, st = written
+    log = FakeAccessLog()
+    log.writers[(st.st_dev, st.st_ino)] = Access(4321, facts(WRITER, ALICE), path, 0.0)
+    attributor = Attributor(fanotify=log, pids=lambda: pytest.fail("no /proc scan needed"))
+    assert attributor.attribute(path, st) == (WRITER, ALICE, AttributionMethod.FANOTIFY)
+    assert log.flushes == 0
+    attributor.close()
+    assert log.stopped
+
+
+def test_a_record_without_facts_still_gives_the_exact_pid(written) -> None:
+    path, st = written
+    log = FakeAccessLog()
+    log.writers[(st.st_dev, st.st_ino)] = Access(4321, None, path, 0.0)
+    log.readers[(st.st_dev, st.st_ino)] = Access(4322, None, path, 0.0)
+    attributor = Attributor(fanotify=log)
+    process, user, method = attributor.attribute(path, st)
+    assert (process, method) == (ProcessInfo(pid=4321, start_time_ns=0), AttributionMethod.FANOTIFY)
+    assert user.uid == st.st_uid  # the new file's owner: whoever created it
+    process, user, method = attributor.reader_of(path, st)
+    assert (process, user, method) == (
+        ProcessInfo(pid=4322, start_time_ns=0),
+        UserInfo(),
+        AttributionMethod.FANOTIFY,
+    )
+
+
+def test_no_record_waits_for_the_reader_then_falls_to_the_lower_tiers(written) -> None:
+    path, st = written
+    log = FakeAccessLog()
+    attributor = Attributor(fanotify=log)
+    assert attributor.attribute(path, st)[2] is AttributionMethod.FILE_OWNER
+    assert attributor.reader_of(path, st) == (None, UserInfo(), AttributionMethod.UNATTRIBUTED)
+    assert log.flushes == 2
+
+
+def test_a_holder_seen_at_open_answers_after_it_has_gone(tmp_path, holder) -> None:
+    path = tmp_path / "copy.pdf"
+    path.write_bytes(b"data")
+    st = os.stat(path)
+    attributor = Attributor(budget=5.0)
+    child = holder(path, "ab")
+    attributor.note_open(os.fsencode(path), st)
+    assert child.stdin is not None
+    child.stdin.close()
+    child.wait(timeout=10)
+    process, _, method = attributor.attribute(os.fsencode(path), st)
+    assert method is AttributionMethod.PROCESS_CACHE
+    assert process is not None and process.pid == child.pid
+    # Nobody held the other file when it was opened: nothing remembered for it.
+    other = tmp_path / "other.pdf"
+    other.write_bytes(b"x")
+    attributor.note_open(os.fsencode(other), os.stat(other))
+    assert attributor.attribute(os.fsencode(other), os.stat(other))[2] is (
+        AttributionMethod.FILE_OWNER
+    )
+
+
+def test_reader_of_finds_a_reader_still_holding_the_file(tmp_path, holder) -> None:
+    path = tmp_path / "minutes.pdf"
+    path.write_bytes(b"data")
+    child = holder(path, "rb")
+    process, _, method = Attributor(budget=5.0).reader_of(os.fsencode(path), os.stat(path))
+    assert method is AttributionMethod.PROC_SCAN
+    assert process is not None and process.pid == child.pid

@@ -209,3 +209,68 @@ def test_decided_writes_are_not_handed_back(detector) -> None:
     assert detector.feed(replace(obs, sha256=SHA_B), now=0.0) == []
     assert len(detector.feed(obs, now=0.5)) == 1
     assert detector.recheck(1000, now=1.0) == []
+
+
+def test_a_just_deleted_original_is_still_a_source_for_a_while(index, detector) -> None:
+    original = index.remove((1, 1))
+    assert original is not None
+    assert detector.feed(written(sha=SHA_A), now=0.0) == []  # gone, and nobody said so
+    detector.removed(original, now=1.0)  # mv across filesystems: copy, then delete
+    [needs] = detector.feed(written(ino=101), now=2.0)
+    assert isinstance(needs, NeedsHash)
+    [copy] = detector.feed(written(ino=101, sha=SHA_A), now=2.0)
+    assert isinstance(copy, ExactCopy)
+    assert copy.source == original
+    assert detector.feed(written(ino=102, sha=SHA_A), now=31.5) == []  # the window ended
+
+
+def test_an_indexed_copy_is_a_better_source_than_a_deleted_original(index, detector) -> None:
+    original = index.remove((1, 1))
+    assert original is not None
+    copy_entry = source(b"/usb/one.pdf", ino=50, is_copy=True)
+    index.add(copy_entry)
+    detector.removed(original, now=0.0)
+    [copy] = detector.feed(written(ino=102, sha=SHA_A), now=1.0)
+    assert isinstance(copy, ExactCopy)
+    assert copy.source == copy_entry
+
+
+def test_forget_lets_an_inode_back_from_a_sensitive_root_be_decided_again(detector) -> None:
+    assert len(detector.feed(written(sha=SHA_A), now=0.0)) == 1
+    detector.forget((2, 100))  # moved back into a sensitive root
+    assert len(detector.feed(written(sha=SHA_A), now=1.0)) == 1  # and out again
+
+
+def test_a_file_that_changed_while_hashed_is_handed_back(detector) -> None:
+    obs = written(sha=None)
+    assert detector.retry(obs, now=0.0)
+    assert detector.due(now=0.9) == []
+    [again] = detector.due(now=1.0)
+    assert (again.trigger, again.attempts) == (WriteTrigger.SETTLED, 1)
+    for i in range(2):
+        assert detector.retry(again, now=float(i))
+        [again] = detector.due(now=10.0)
+    assert again.attempts == 3
+    assert not detector.retry(again, now=10.0)  # a file that never holds still: give up
+
+
+def test_a_known_copy_whose_mtime_moved_is_not_a_new_copy(index, detector) -> None:
+    copy = replace(source(b"/usb/plan.pdf", ino=100, is_copy=True), dev=2, mtime_ns=5)
+    index.add(copy)  # decided at mtime 5; then copystat set 9, which brings no event
+    triggers = (WriteTrigger.SETTLED, WriteTrigger.SCAN, WriteTrigger.CREATE)
+    for mtime, trigger in enumerate(triggers, start=9):
+        [needs] = detector.feed(written(mtime_ns=mtime, trigger=trigger), now=0.0)
+        assert isinstance(needs, NeedsHash)
+        assert detector.feed(written(mtime_ns=mtime, sha=SHA_A, trigger=trigger), now=0.0) == []
+    # `cp` over it again closes it again: that is a copy (the test above)
+
+
+def test_the_close_of_a_copy_decided_on_its_create_is_no_news(index, detector) -> None:
+    # shutil.copy2: the content is complete at the create, copystat moves the mtime,
+    # then the close is handled: the same write, not a second copy.
+    [copy] = detector.feed(written(sha=SHA_A, trigger=WriteTrigger.CREATE), now=0.0)
+    assert isinstance(copy, ExactCopy)
+    index.add(replace(source(b"/usb/plan.pdf", ino=100, is_copy=True), dev=2, mtime_ns=9))
+    assert detector.feed(written(sha=SHA_A, mtime_ns=12), now=0.5) == []
+    # a later `cp` of the same bytes over it closes it again: a copy
+    assert len(detector.feed(written(sha=SHA_A, mtime_ns=20), now=1.0)) == 1

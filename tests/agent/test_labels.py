@@ -58,10 +58,17 @@ def test_xattr_value_is_normalised(labelled_file) -> None:
     assert Labeller(make_config()).label_of(path) == Labelled("confidential", LabelSource.XATTR)
 
 
-def test_xattr_beats_path_rules(labelled_file) -> None:
+def test_xattr_beats_path_rules_of_equal_rank(labelled_file) -> None:
+    path = labelled_file("plan.pdf", b"secret")
+    labeller = Labeller(make_config((PathRule("*", "secret"),)))
+    assert labeller.label_of(path) == Labelled("secret", LabelSource.XATTR)
+
+
+def test_higher_path_rule_beats_lower_xattr(labelled_file) -> None:
+    # Issue 3: the highest-ranked source wins (it used to be the attribute, always).
     path = labelled_file("plan.pdf", b"internal")
     labeller = Labeller(make_config((PathRule("*", "secret"),)))
-    assert labeller.label_of(path) == Labelled("internal", LabelSource.XATTR)
+    assert labeller.label_of(path) == Labelled("secret", LabelSource.PATH)
 
 
 def test_unknown_xattr_value_is_ignored_and_counted(labelled_file, caplog) -> None:

@@ -3,225 +3,51 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
-import queue
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 import agent
 from agent.attribution import Attributor
-from agent.clock import SystemClock
-from agent.config import AgentConfig, DestinationConfig, PathRule
-from agent.copy_detector import CopyDetector
 from agent.events import (
     Action,
     AttributionMethod,
     DestinationClass,
     DetectionMethod,
-    DeviceInfo,
-    Event,
-    ProcessInfo,
-    UserInfo,
 )
-from agent.index import FileHasher, HashFailure, HashOutcome, Scanner, SensitiveIndex, StatOutcome
-from agent.labels import Labeller
-from agent.pipeline import GapReason, Pipeline
-from agent.watcher import Observation, ObservationKind, ObservationQueue, Role, Watcher
+from agent.index import FileHasher, HashFailure, HashOutcome, StatOutcome
+from agent.pipeline import GapReason
+from agent.watcher import ObservationKind, Role
+from tests.agent.pipeline_harness import (
+    STICK,
+    TIMEOUT,
+    XATTR,
+    Dirs,
+    FakeClock,
+    Harness,
+    harness_factory,
+    labelled,
+    make_dirs,
+)
 
 # See test_watcher.py: this watchdog warning, raised as an error, kills its reader thread.
 pytestmark = pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning")
 
-TIMEOUT = 15.0
-XATTR = "user.exfilwatch.label"
-STICK = DeviceInfo(vendor="Kingston", model="DT50", serial="S123")
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def monotonic(self) -> float:
-        return self.t
-
-    def wall_ns(self) -> int:
-        return 1_700_000_000_000_000_000 + int(self.t * 1e9)
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
-
-
-class NobodyAttributor:
-    def attribute(
-        self, path: bytes, st: os.stat_result
-    ) -> tuple[ProcessInfo | None, UserInfo, AttributionMethod]:
-        return None, UserInfo(), AttributionMethod.UNATTRIBUTED
-
-
-@dataclass
-class Dirs:
-    sensitive: Path
-    usb: Path
-    outside: Path
-    config: AgentConfig
-
 
 @pytest.fixture
 def dirs(tmp_path: Path) -> Dirs:
-    sensitive, usb, outside = tmp_path / "sensitive", tmp_path / "usb", tmp_path / "outside"
-    for path in (sensitive, usb, outside):
-        path.mkdir()
-    try:
-        os.setxattr(sensitive, XATTR, b"probe")
-        os.removexattr(sensitive, XATTR)
-    except OSError as e:
-        if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
-            pytest.skip(f"filesystem of {tmp_path} rejects user xattrs: {e}")
-        raise
-    config = AgentConfig(
-        state_dir=tmp_path / "state",
-        sensitive_roots=(sensitive,),
-        destinations=(DestinationConfig(usb, DestinationClass.REMOVABLE, STICK),),
-        host="ws-test",
-        path_rules=(PathRule("*/board/*", "secret"),),
-    )
-    return Dirs(sensitive, usb, outside, config)
-
-
-def labelled(path: Path, data: bytes, label: bytes | None = b"confidential") -> Path:
-    path.write_bytes(data)
-    if label is not None:
-        os.setxattr(path, XATTR, label)
-    return path
-
-
-@dataclass
-class Harness:
-    """A pipeline over `dirs`, optionally fed by a real watcher; collects emitted events."""
-
-    dirs: Dirs
-    hasher: FileHasher | object
-    clock: FakeClock | None
-    attributor: object
-    with_watcher: bool
-    drops: Callable[[], int] | None = None
-    observations: ObservationQueue = field(default_factory=lambda: queue.Queue(maxsize=10_000))
-    events: queue.Queue[Event] = field(default_factory=queue.Queue)
-    seen: list[Event] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        config = self.dirs.config
-        self.index = SensitiveIndex(config.labels.levels)
-        self.scanner = Scanner(
-            [os.fsencode(config.sensitive_roots[0])],
-            Labeller(config),
-            self.index,
-            self.hasher,  # type: ignore[arg-type]
-        )
-        self.watcher = Watcher(
-            [(self.dirs.sensitive, Role.SENSITIVE), (self.dirs.usb, Role.DESTINATION)],
-            self.observations,
-        )
-        self.pipeline = Pipeline(
-            config,
-            self.index,
-            CopyDetector(self.index),
-            self.attributor,  # type: ignore[arg-type]
-            self.hasher,  # type: ignore[arg-type]
-            self.events.put,
-            self.clock or SystemClock(),
-            observations=self.observations,
-            scanner=self.scanner,
-            drops=self.drops or (self.watcher.take_dropped if self.with_watcher else None),
-        )
-
-    def start(self) -> None:
-        self.scanner.scan()
-        if self.with_watcher:
-            self.watcher.start()
-        self.pipeline.start()
-
-    def stop(self) -> None:
-        self.watcher.stop()
-        self.pipeline.stop()
-        self._drain()
-
-    def put(self, kind: ObservationKind, path: Path | bytes, role: Role = Role.DESTINATION,
-            dest: bytes = b"") -> None:  # fmt: skip
-        root = self.dirs.usb if role is Role.DESTINATION else self.dirs.sensitive
-        self.observations.put(
-            Observation(kind, os.fsencode(path), os.fsencode(root), role, 0.0, dest)
-        )
-
-    def wait(self, predicate: Callable[[list[Event]], bool]) -> list[Event]:
-        deadline = time.monotonic() + TIMEOUT
-        while not predicate(self.seen):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                pytest.fail(f"timed out; events so far: {self.seen}")
-            try:
-                # short gets: some predicates look at counters, not at events
-                self.seen.append(self.events.get(timeout=min(left, 0.05)))
-            except queue.Empty:
-                continue
-        return self.seen
-
-    def wait_copy_to(self, path: Path) -> Event:
-        target = os.fsencode(path)
-
-        def found(seen: list[Event]) -> bool:
-            return any(e.destination is not None and e.destination.path == target for e in seen)
-
-        self.wait(found)
-        return next(e for e in self.seen if e.destination and e.destination.path == target)
-
-    def wait_gap(self, reason: GapReason) -> Event:
-        self.wait(lambda seen: any(e.gap is not None and e.gap.reason == reason for e in seen))
-        return next(e for e in self.seen if e.gap is not None and e.gap.reason == reason)
-
-    def copies(self) -> list[Event]:
-        return [e for e in self.seen if e.action in (Action.COPY, Action.MOVE)]
-
-    def _drain(self) -> None:
-        while True:
-            try:
-                self.seen.append(self.events.get_nowait())
-            except queue.Empty:
-                return
+    return make_dirs(tmp_path)
 
 
 @pytest.fixture
 def harness(dirs: Dirs) -> Iterator[Callable[..., Harness]]:
-    """Factory; every harness it made is stopped and must leave no thread behind."""
-    before = set(threading.enumerate())
-    made: list[Harness] = []
-
-    def make(*, hasher: object | None = None, clock: FakeClock | None = None,
-             attributor: object | None = None, with_watcher: bool = True,
-             drops: Callable[[], int] | None = None) -> Harness:  # fmt: skip
-        h = Harness(
-            dirs,
-            hasher or FileHasher(dirs.config.hashing.max_file_bytes),
-            clock,
-            attributor or NobodyAttributor(),
-            with_watcher,
-            drops,
-        )
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        h.stop()
-    assert set(threading.enumerate()) <= before, "pipeline or watcher left threads running"
+    yield from harness_factory(dirs)
 
 
 # the walking-skeleton scenario
@@ -489,7 +315,7 @@ def test_inotify_overflow_is_a_gap_and_a_rescan_finds_missed_copies(dirs, harnes
     assert gap.gap is not None
     assert gap.gap.count == 1
     h.wait_copy_to(dirs.usb / "missed.pdf")
-    assert h.pipeline.stats().rescans >= 1
+    assert h.pipeline.stats().rescans >= 2  # the first scan, then the one after the overflow
     h.put(ObservationKind.OVERFLOW, b"")  # a second rescan reports nothing new
     h.stop()
     assert len(h.copies()) == 1

@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from agent.errors import ConfigError
-from agent.watcher import Observation, ObservationKind, ObservationQueue, Role, Watcher
+from agent.errors import AgentError, ConfigError
+from agent.watcher import (
+    Observation,
+    ObservationKind,
+    ObservationQueue,
+    Role,
+    Watcher,
+    raise_watch_limit,
+)
+from tests.procs import ROOT
 
 K = ObservationKind
 TIMEOUT = 10.0
@@ -281,3 +292,188 @@ def test_a_root_that_cannot_be_watched_is_a_config_error(tmp_path) -> None:
     assert set(threading.enumerate()) <= before
     for name in ("watchdog.observers.inotify_c", "watchdog.observers.inotify"):
         assert not logging.getLogger(name).handlers
+
+
+# roots added and removed while running
+
+
+def test_roots_can_be_added_and_removed_while_running(watching, dirs) -> None:
+    watcher, collected = watching
+    extra = dirs[2] / "sync"
+    extra.mkdir()
+    assert watcher.add_root(extra, Role.DESTINATION)
+    assert (b(extra), Role.DESTINATION) in watcher.roots()
+    (extra / "one").write_bytes(b"1")
+    obs = collected.wait_kind(K.CLOSED_WRITE, b(extra / "one"))
+    assert (obs.root, obs.role) == (b(extra), Role.DESTINATION)
+
+    assert watcher.remove_root(extra)
+    assert not watcher.remove_root(extra)
+    (extra / "two").write_bytes(b"2")
+    marker = dirs[1] / "marker"  # events arrive in order: after the marker, nothing more
+    marker.write_bytes(b"m")
+    collected.wait_kind(K.CLOSED_WRITE, b(marker))
+    assert not any(o.path == b(extra / "two") for o in collected.seen)
+    assert not any(o.kind is K.WATCH_LOST for o in collected.seen)  # orderly: no gap
+
+
+def test_a_root_that_cannot_be_added_is_reported_not_raised(watching, dirs) -> None:
+    watcher, collected = watching
+    missing = dirs[2] / "gone"
+    assert not watcher.add_root(missing, Role.DESTINATION)
+    obs = collected.wait_kind(K.WATCH_LOST, b(missing))
+    assert (obs.root, obs.role) == (b(missing), Role.DESTINATION)
+    assert (b(missing), Role.DESTINATION) not in watcher.roots()
+
+
+def test_add_root_needs_a_running_watcher(dirs) -> None:
+    watcher = Watcher([(dirs[0], Role.SENSITIVE)], queue.Queue())
+    with pytest.raises(AgentError, match="not running"):
+        watcher.add_root(dirs[1], Role.DESTINATION)
+
+
+def test_a_nested_root_gets_its_events_once(watching, dirs) -> None:
+    watcher, collected = watching
+    inner = dirs[1] / "stick"
+    inner.mkdir()
+    collected.wait_kind(K.DIR_CREATED, b(inner))
+    assert watcher.add_root(inner, Role.DESTINATION)
+    (inner / "copy.pdf").write_bytes(b"x")
+    collected.wait_kind(K.CLOSED_WRITE, b(inner / "copy.pdf"))
+    # The outer root's own events arrive in order (one emitter per root): its
+    # duplicate, if it made one, would come before this marker.
+    (dirs[1] / "marker").write_bytes(b"m")
+    collected.wait_kind(K.CLOSED_WRITE, b(dirs[1] / "marker"))
+    closes = [
+        o for o in collected.seen if o.kind is K.CLOSED_WRITE and o.path.endswith(b"copy.pdf")
+    ]
+    assert [o.root for o in closes] == [b(inner)]
+
+
+def test_a_deleted_added_root_is_lost_but_the_watcher_stays_healthy(watching, dirs) -> None:
+    watcher, collected = watching
+    folder = dirs[2] / "Dropbox"
+    folder.mkdir()
+    assert watcher.add_root(folder, Role.DESTINATION)
+    folder.rmdir()
+    collected.wait_kind(K.WATCH_LOST, b(folder))
+    assert watcher.healthy()  # the fixture checks it again on the way out
+
+
+def test_raise_watch_limit_only_ever_raises(tmp_path) -> None:
+    limit = tmp_path / "max_user_watches"
+    limit.write_text("8192\n")
+    assert raise_watch_limit(65536, path=limit)
+    assert limit.read_text() == "65536\n"
+    assert not raise_watch_limit(10_000, path=limit)
+    assert limit.read_text() == "65536\n"
+    assert not raise_watch_limit(10**6, path=tmp_path / "absent" / "file")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
+def test_a_mount_over_a_watched_folder_needs_a_new_watch(dirs) -> None:
+    q: ObservationQueue = queue.Queue()
+    watcher = Watcher([(dirs[1], Role.DESTINATION)], q)
+    watcher.start()
+    collected = Collected(q)
+    mounted = False
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "exfw-w", dirs[1]], check=True)
+        mounted = True
+        (dirs[1] / "unseen").write_bytes(b"x")  # the watch sits on the covered inode
+        assert watcher.add_root(dirs[1], Role.DESTINATION)  # watch again: the new inode
+        (dirs[1] / "seen").write_bytes(b"x")
+        collected.wait_kind(K.CLOSED_WRITE, b(dirs[1] / "seen"))
+        assert not any(o.path == b(dirs[1] / "unseen") for o in collected.seen)
+        assert watcher.healthy()
+    finally:
+        watcher.stop()
+        if mounted:
+            subprocess.run(["umount", dirs[1]], check=True)
+
+
+# the inotify watch limit, in a user namespace of its own (its limit binds only us)
+
+_LIMIT_CHILD = r"""
+import json, os, queue, sys, time
+from pathlib import Path
+from agent.watcher import ObservationKind, Role, Watcher
+
+tree, raise_to = Path(sys.argv[1]), int(sys.argv[2]) or None
+limit = Path("/proc/sys/user/max_inotify_watches")  # this namespace's own limit
+limit.write_text("40\n")
+q = queue.Queue()
+watcher = Watcher([(tree, Role.DESTINATION)], q, raise_watch_limit_to=raise_to,
+                  max_user_watches=limit)
+watcher.start()
+seen, reports, deadline, rounds = set(), [], time.monotonic() + 20, 0
+try:
+    while len(seen) < 100 and time.monotonic() < deadline:
+        rounds += 1
+        for i in range(100):
+            (tree / f"d{i:03d}" / f"f{rounds}").write_bytes(b"x")
+        marker = tree / f"marker{rounds}"
+        marker.write_bytes(b"m")
+        while True:  # events arrive in order: after the marker, this round is complete
+            obs = q.get(timeout=max(0.1, deadline - time.monotonic()))
+            if obs.kind is ObservationKind.WATCH_LIMIT:
+                reports.append([os.fsdecode(obs.path), os.fsdecode(obs.root), str(obs.role)])
+            elif obs.kind is ObservationKind.CLOSED_WRITE:
+                if obs.path == os.fsencode(marker):
+                    break
+                if obs.path.endswith(b"/f%d" % rounds):
+                    seen.add(os.path.basename(os.path.dirname(obs.path)))
+        if raise_to is None:
+            break
+    print(json.dumps({"seen": len(seen), "reports": reports, "hits": watcher.watch_limit_hits,
+                      "healthy": watcher.healthy(), "limit": int(limit.read_text())}))
+finally:
+    watcher.stop()
+"""
+
+
+def run_in_user_namespace(tree: Path, raise_to: int) -> dict[str, Any]:
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare(1) is not installed")
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "true"], check=False)
+    if probe.returncode != 0:
+        pytest.skip("user namespaces are not available here")
+    for i in range(100):
+        (tree / f"d{i:03d}").mkdir(parents=True)
+    result = subprocess.run(
+        ["unshare", "--user", "--map-root-user", sys.executable, "-c", _LIMIT_CHILD,
+         str(tree), str(raise_to)],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    out: dict[str, Any] = json.loads(result.stdout)
+    return out
+
+
+def test_the_watch_limit_is_reported_not_skipped_silently(tmp_path) -> None:
+    tree = tmp_path / "tree"
+    out = run_in_user_namespace(tree, 0)
+    # watchdog 7 starts fine and skips what does not fit (FIELD-NOTES §1.6) ...
+    assert out["healthy"]
+    assert 0 < out["seen"] < 100
+    # ... we say so: one report for the burst, naming the root and a folder below it
+    assert out["hits"] >= 100 - 40
+    reports = out["reports"]
+    assert isinstance(reports, list)
+    assert len(reports) == 1
+    path, root, role = reports[0]
+    assert root == str(tree)
+    assert path.startswith(f"{tree}/d")
+    assert role == "destination"
+    assert out["limit"] == 40  # not allowed to raise it
+
+
+def test_the_watch_limit_is_raised_and_skipped_folders_are_watched_again(tmp_path) -> None:
+    tree = tmp_path / "tree"
+    out = run_in_user_namespace(tree, 1000)
+    assert out["limit"] == 1000
+    assert out["seen"] == 100
+    assert out["hits"] >= 1
+    assert out["reports"]
+    assert out["healthy"]

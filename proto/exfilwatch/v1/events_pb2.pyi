@@ -140,7 +140,7 @@ class CoverageGap(_message.Message):
     def __init__(self, reason: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("event_id", "seq", "observed_at_ns", "action", "source", "label", "label_source", "destination", "destination_class", "device", "process", "user", "host", "detection", "attribution", "gap", "agent_version")
+    __slots__ = ("event_id", "seq", "observed_at_ns", "action", "source", "label", "label_source", "destination", "destination_class", "device", "process", "user", "host", "detection", "attribution", "gap", "agent_version", "count", "archive_member")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     OBSERVED_AT_NS_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +158,8 @@ class Event(_message.Message):
     ATTRIBUTION_FIELD_NUMBER: _ClassVar[int]
     GAP_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    ARCHIVE_MEMBER_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     seq: int
     observed_at_ns: int
@@ -175,7 +177,9 @@ class Event(_message.Message):
     attribution: AttributionMethod
     gap: CoverageGap
     agent_version: str
-    def __init__(self, event_id: _Optional[str] = ..., seq: _Optional[int] = ..., observed_at_ns: _Optional[int] = ..., action: _Optional[_Union[Action, str]] = ..., source: _Optional[_Union[FileRef, _Mapping]] = ..., label: _Optional[str] = ..., label_source: _Optional[str] = ..., destination: _Optional[_Union[FileRef, _Mapping]] = ..., destination_class: _Optional[_Union[DestinationClass, str]] = ..., device: _Optional[_Union[Device, _Mapping]] = ..., process: _Optional[_Union[ProcessInfo, _Mapping]] = ..., user: _Optional[_Union[UserInfo, _Mapping]] = ..., host: _Optional[str] = ..., detection: _Optional[_Union[DetectionMethod, str]] = ..., attribution: _Optional[_Union[AttributionMethod, str]] = ..., gap: _Optional[_Union[CoverageGap, _Mapping]] = ..., agent_version: _Optional[str] = ...) -> None: ...
+    count: int
+    archive_member: bytes
+    def __init__(self, event_id: _Optional[str] = ..., seq: _Optional[int] = ..., observed_at_ns: _Optional[int] = ..., action: _Optional[_Union[Action, str]] = ..., source: _Optional[_Union[FileRef, _Mapping]] = ..., label: _Optional[str] = ..., label_source: _Optional[str] = ..., destination: _Optional[_Union[FileRef, _Mapping]] = ..., destination_class: _Optional[_Union[DestinationClass, str]] = ..., device: _Optional[_Union[Device, _Mapping]] = ..., process: _Optional[_Union[ProcessInfo, _Mapping]] = ..., user: _Optional[_Union[UserInfo, _Mapping]] = ..., host: _Optional[str] = ..., detection: _Optional[_Union[DetectionMethod, str]] = ..., attribution: _Optional[_Union[AttributionMethod, str]] = ..., gap: _Optional[_Union[CoverageGap, _Mapping]] = ..., agent_version: _Optional[str] = ..., count: _Optional[int] = ..., archive_member: _Optional[bytes] = ...) -> None: ...
 
 class EventBatch(_message.Message):
     __slots__ = ("agent_id", "batch_seq", "prev_batch_digest", "sealed_at_ns", "events")
