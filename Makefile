@@ -4,12 +4,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest proto proto-check bench clean
+.PHONY: demo test lint typecheck pytest proto proto-check bench clean chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[collector,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -36,6 +36,15 @@ proto: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/e2e_latency.py
 	$(PY) bench/ingest.py
+
+# Browser tests (tests/web) drive Debian's chromium through Playwright; never `playwright
+# install`. As root this installs the package when missing (CI runs as root); otherwise the
+# browser tests skip, saying why.
+chromium:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "no /usr/bin/chromium and not root: the browser tests will be skipped"; fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,4 +1,5 @@
-"""exfilwatch-collector command line: init, token, serve, agents, events, alerts, policy.
+"""exfilwatch-collector command line: init, token, serve, agents, events, alerts, policy,
+users, trail (the last two and alert triage in `collector.cli_console`).
 
 The one place collector errors reach a person: `main` prints diagnostics and
 returns the exit code (1, or 2 for configuration errors).
@@ -16,20 +17,27 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from collector import __version__, pki
+from collector import __version__, cli_console, pki
 from collector import policy as policy_mod
 from collector.audit import verify_store
+from collector.directory import load_directory
+from collector.dryrun import dry_run
 from collector.enroll import Enrollment
-from collector.errors import CollectorError, ConfigError
-from collector.ingest import Ingestor
+from collector.errors import CollectorError, ConfigError, StoreError
+from collector.ingest import Ingestor, IngestSettings
 from collector.monitor import Monitor
-from collector.policy import load_policy
+from collector.policy import Policy, load_policy, parse_duration
+from collector.render import display_path
 from collector.rpc import Handlers
 from collector.server import create_server
 from collector.store import SqliteStore
+from collector.trail import Trail
 from collector.views import agent_json, alert_json, alert_text, event_json, event_line
+
+if TYPE_CHECKING:
+    from collector.web.server import ConsoleServer
 
 logger = logging.getLogger("collector")
 
@@ -87,8 +95,9 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     authority = pki.Authority.load(args.data)
     store = open_store(args.data)
     try:
-        ingest = Ingestor(store, policy)
-        ingest.restore(time.time_ns())
+        directory = load_directory(args.directory) if args.directory else None
+        settings = IngestSettings(max_future_skew_ns=args.max_future_skew)
+        ingest = Ingestor(store, policy, settings, directory)
         holder: dict[str, int] = {}
         handlers = Handlers(
             ingest,
@@ -106,13 +115,20 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
             "agents": f"{host}:{bound.agent_port}",
             "enroll": f"{enroll_listen.rpartition(':')[0]}:{bound.enroll_port}",
         }
+        console = _console(args, store, policy)
+        if console is not None:
+            addresses["console"] = console.url
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
+        # Listen first: the rules' windows are rebuilt meanwhile, and only uploads wait.
+        restoring = ingest.restore_in_background(time.time_ns(), on_failure=stop.set)
         silent_after = policy.agents.silent_after_ns
         monitor = Monitor(
             store, silent_after, time.time_ns, interval_s=min(60.0, silent_after / 4e9)
         )
+        if console is not None:
+            console.start()
         bound.server.start()
         monitor.start()
         tmp = args.data / (LISTEN_FILE + ".tmp")
@@ -123,14 +139,40 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
             f"(mutual TLS), enrolment {addresses['enroll']}; data {args.data}; "
             f"policy {policy.revision}\n"
         )
+        if console is not None:
+            out.write(f"console: {console.url}\n")
         out.flush()
         stop.wait()
         logger.info("stopping")
+        if console is not None:
+            console.stop()
         monitor.stop()
         bound.server.stop(grace=5).wait()
+        restoring.join()
+        if ingest.restore_error is not None:
+            raise StoreError(f"stopped: {ingest.restore_error}")
     finally:
         store.close()
     return 0
+
+
+def _console(args: argparse.Namespace, store: SqliteStore, policy: Policy) -> ConsoleServer | None:
+    """The web console, bound but not started; None with --no-console."""
+    if args.no_console:
+        return None
+    if (args.console_cert is None) != (args.console_key is None):
+        raise ConfigError("--console-cert and --console-key go together")
+    try:
+        from collector.web.server import open_console
+    except ImportError as e:
+        raise ConfigError(
+            f"the console cannot start ({e}); install exfilwatch[collector] or serve --no-console"
+        ) from e
+    return open_console(
+        store, policy, args.data / DB_FILE, listen=args.console_listen,
+        certfile=args.console_cert or args.data / pki.SERVER_CERT,
+        keyfile=args.console_key or args.data / pki.SERVER_KEY,
+    )  # fmt: skip
 
 
 def _next_port(listen: str) -> str:
@@ -168,6 +210,16 @@ def cmd_agents_revoke(args: argparse.Namespace, out: TextIO) -> int:
     store = open_store(args.data)
     try:
         store.revoke_agent(args.agent_id)
+        # After the change, as the console's revoke does (collector.web.views.admin): a
+        # failed revoke leaves no entry claiming it happened.
+        Trail(store).append(
+            None,
+            actor=cli_console.default_actor(),
+            action="agent_revoke",
+            target=f"agent:{args.agent_id}",
+            detail={},
+            now_ns=time.time_ns(),
+        )
     finally:
         store.close()
     out.write(f"revoked {args.agent_id}: its next call is refused\n")
@@ -236,7 +288,49 @@ def cmd_audit_verify(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_policy_check(args: argparse.Namespace, out: TextIO) -> int:
     policy = load_policy(args.policy)
-    out.write(f"{args.policy}: ok, revision {policy.revision}, {len(policy.rules)} rules\n")
+    count = len(policy.rules) + len(policy.long_rules)
+    out.write(f"{args.policy}: ok, revision {policy.revision}, {count} rules\n")
+    return 0
+
+
+def cmd_policy_dry_run(args: argparse.Namespace, out: TextIO) -> int:
+    policy = load_policy(args.policy)
+    directory = load_directory(args.directory) if args.directory else None
+    try:
+        span = parse_duration(args.since)
+    except ValueError as e:
+        raise ConfigError(f"--since: {e}") from e
+    started = time.monotonic()
+    report = dry_run(
+        args.data / DB_FILE, policy, since_ns=time.time_ns() - span, directory=directory
+    )
+    took = time.monotonic() - started
+    rules = report.by_rule()
+    if args.json:
+        for alert in report.alerts:
+            row = {
+                "rule": alert.rule,
+                "who": alert.who,
+                "severity": alert.severity,
+                "at_ns": alert.at_ns,
+                "evidence": alert.evidence,
+                "explanation": alert.explanation,
+            }
+            out.write(json.dumps(row, sort_keys=True) + "\n")
+        return 0
+    out.write(
+        f"dry-run of {args.policy} (revision {policy.revision}) over {report.events} events "
+        f"of the last {args.since}, {took:.1f} s; real alerts untouched\n"
+    )
+    for rule in [r.name for r in policy.rules] + [r.name for r in policy.long_rules]:
+        alerts = rules.get(rule, [])
+        who = sorted({a.who for a in alerts})
+        out.write(f"{rule}: {len(alerts)} alerts for {len(who)}\n")
+        for alert in alerts:
+            who_text = display_path(alert.who.encode())
+            out.write(
+                f"  {alert.severity:8} {who_text}: {display_path(alert.explanation.encode())}\n"
+            )
     return 0
 
 
@@ -275,6 +369,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", default="0.0.0.0:7443", help="agent port, mutual TLS (HOST:PORT)")
     p.add_argument("--enroll-listen", help="enrolment port (default: the agent port + 1)")
     p.add_argument("--policy", type=Path, required=True)
+    p.add_argument(
+        "--max-future-skew", type=duration_arg, default="10m",
+        help="batches dated further ahead of this clock raise clock_skew_future (default 10m)",
+    )  # fmt: skip
+    p.add_argument(
+        "--directory", type=Path,
+        help="users' departments and watchlists for the long rules (CSV or LDIF export)",
+    )  # fmt: skip
+    p.add_argument("--no-console", action="store_true", help="do not serve the web console")
+    p.add_argument(
+        "--console-listen", default="127.0.0.1:8443",
+        help="web console, HTTPS (HOST:PORT; port 0 picks a free one; default 127.0.0.1:8443)",
+    )  # fmt: skip
+    p.add_argument("--console-cert", type=Path, help="console certificate (default: the server's)")
+    p.add_argument("--console-key", type=Path, help="console private key (with --console-cert)")
     p.set_defaults(func=cmd_serve)
 
     agents = sub.add_parser("agents", help="enrolled agents").add_subparsers(
@@ -310,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     json_arg(p)
     p.add_argument("id", type=int)
     p.set_defaults(func=cmd_alerts_show)
+    cli_console.add_alert_commands(alerts, data_arg)
 
     audit = sub.add_parser("audit", help="re-prove stored events").add_subparsers(
         dest="sub", required=True
@@ -325,6 +435,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = policy.add_parser("check", help="validate a policy file")
     p.add_argument("--policy", type=Path, required=True)
     p.set_defaults(func=cmd_policy_check)
+    p = policy.add_parser(
+        "dry-run", help="replay stored events against a candidate policy; nothing is changed"
+    )
+    data_arg(p)
+    json_arg(p)
+    p.add_argument("--policy", type=Path, required=True, help="the candidate policy")
+    p.add_argument("--since", default="30d", help="how far back to replay (e.g. 30d)")
+    p.add_argument("--directory", type=Path, help="departments and watchlists (CSV or LDIF)")
+    p.set_defaults(func=cmd_policy_dry_run)
+    cli_console.add_commands(sub, data_arg, json_arg)
     return parser
 
 

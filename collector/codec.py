@@ -119,7 +119,7 @@ class _EventDecoder:
         if _SHA256_PAIR.fullmatch(f"{src_sha},{dst_sha}") is None:
             raise MalformedBatchError(f"event {event_id}: sha256 must be 64 lowercase hex digits")
         seq, src_size, dst_size, gap_count = ev.seq, src.size, dst.size, gap.count
-        if max(seq, src_size, dst_size, gap_count) > _INT64_MAX:
+        if max(seq, src_size, dst_size, gap_count, ev.count) > _INT64_MAX:
             raise MalformedBatchError(f"event {event_id}: a counter exceeds 2**63-1")
         try:
             action = _ACTIONS[ev.action]
@@ -157,6 +157,8 @@ class _EventDecoder:
             self.device(ev.device) if ev.HasField("device") else None,
             gap.reason,
             gap_count,
+            ev.archive_member,
+            max(ev.count, 1),
         )
 
     def process(self, p: events_pb2.ProcessInfo) -> ProcessView:
@@ -195,6 +197,7 @@ def _check_sizes(ev: events_pb2.Event, event_id: str) -> None:
     p, d, user = ev.process, ev.device, ev.user
     texts = (ev.host, user.login, user.effective, ev.label, ev.label_source, ev.gap.reason)
     more = (ev.agent_version, p.name, d.vendor, d.model, d.serial, d.fs_uuid, d.fs_type)
-    paths = (ev.source.path, ev.destination.path, p.exe, d.mount_point, *p.cmdline)
+    paths = (ev.source.path, ev.destination.path, p.exe, d.mount_point, ev.archive_member,
+             *p.cmdline)  # fmt: skip
     if max(map(len, (*texts, *more, *paths))) > MAX_TEXT:
         raise MalformedBatchError(f"event {event_id}: a field is longer than {MAX_TEXT}")

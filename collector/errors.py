@@ -5,6 +5,11 @@ CollectorError
 ├── StoreError              the database failed
 ├── NotFoundError           no such alert / agent / token
 ├── EnrollmentError         token unknown, expired, used up; bad proof
+├── UserError               bad user name, role or password; user exists (exit code 2)
+├── AuthError               login refused: one message for every reason
+│   └── ThrottledError          too many recent failures for this account or address
+├── TriageError             illegal status change, missing reason, bad assignee or note (exit 2)
+├── TrailError              a trail entry that cannot be recorded (exit code 2)
 └── IngestError             a batch was refused (nothing stored)
     ├── MalformedBatchError     cannot be parsed / fields invalid      -> INVALID_ARGUMENT
     ├── UnknownAgentError       no enrolled agent for this identity    -> UNAUTHENTICATED
@@ -44,6 +49,37 @@ class NotFoundError(CollectorError):
 
 class EnrollmentError(CollectorError):
     pass
+
+
+class UserError(CollectorError):
+    """A console user cannot be added or changed as asked (bad input)."""
+
+    exit_code = 2
+
+
+class AuthError(CollectorError):
+    """A login was refused. The message never says why: unknown user, wrong password
+    and locked account read the same, so a guesser learns nothing."""
+
+
+class ThrottledError(AuthError):
+    """Too many failed logins for the account name or the client address lately."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class TriageError(CollectorError):
+    """An alert decision the rules refuse (status transition, reason, assignee, note)."""
+
+    exit_code = 2
+
+
+class TrailError(CollectorError):
+    """A trail entry that cannot be recorded (unknown action, bad actor or detail)."""
+
+    exit_code = 2
 
 
 class IngestError(CollectorError):

@@ -1,48 +1,190 @@
 """Ingest: verify a signed batch, then store it and run the threshold rules in one transaction.
 
 Framework-free: the gRPC servicer calls `upload`; tests call it directly.
-A refused batch stores nothing but a (deduplicated) security alert.
+A refused batch stores nothing but a (deduplicated) security alert. A batch dated
+implausibly far in the future is stored (it is genuine) and raises one as well.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import sqlite3
 import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
+from collector import restore
 from collector.codec import decode_signed_batch
-from collector.errors import IngestError, RevokedAgentError, UnknownAgentError
-from collector.models import StoredEvent, ThresholdDecision
+from collector.detection.engine import LongRuleEngine
+from collector.detection.sqlhistory import SqlHistory
+from collector.directory import Directory
+from collector.errors import (
+    CollectorError,
+    IngestError,
+    RevokedAgentError,
+    StoreError,
+    UnknownAgentError,
+)
+from collector.longalerts import StoreEpisodes, apply_findings, long_event
+from collector.models import AlertId, Severity, StoredEvent, ThresholdDecision, VerifiedBatch
 from collector.policy import Policy
+from collector.render import human_duration
 from collector.rpc import Ack, Heartbeat, HeartbeatReply
-from collector.store import SqliteStore
+from collector.store import AfterEvents, SqliteStore
 from collector.thresholds import ThresholdEngine
-from collector.verify import verify_batch
+from collector.verify import future_skew_ns, verify_batch
 
 logger = logging.getLogger(__name__)
 
 EXPIRE_EVERY_NS = 60 * 1_000_000_000
+CLOCK_SKEW_FUTURE = "clock_skew_future"
+"""Kind of the security alert for batches dated too far ahead of the collector's clock."""
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    """Collector-side limits of ingest (`serve` flags)."""
+
+    max_future_skew_ns: int = 10 * 60 * 1_000_000_000
+    """A batch sealed, or holding an event observed, more than this after the collector's
+    clock raises a clock_skew_future security alert. It is stored all the same, and the
+    rules count every event at the earlier of its own time and its arrival."""
+    restore_wait_s: float = 120.0
+    """How long an upload waits for the rules' windows to be restored before it fails
+    (retryably) instead."""
+
+    def __post_init__(self) -> None:
+        if self.max_future_skew_ns < 0 or self.restore_wait_s <= 0:
+            raise ValueError("max_future_skew_ns must be >= 0 and restore_wait_s > 0")
 
 
 class Ingestor:
-    def __init__(self, store: SqliteStore, policy: Policy) -> None:
+    def __init__(
+        self,
+        store: SqliteStore,
+        policy: Policy,
+        settings: IngestSettings | None = None,
+        directory: Directory | None = None,
+    ) -> None:
         self._store = store
         self._policy = policy
+        self._settings = settings or IngestSettings()
+        self._directory = directory or Directory()
         self._engine = ThresholdEngine(policy)
+        self._episodes = StoreEpisodes()
+        self._long = self._long_engine()
         # The engine is not thread-safe, and its state must move with the store's commits.
         self._lock = threading.Lock()
         self._last_expire_ns = 0
+        self._restored = threading.Event()
+        """Clear while `restore_in_background` runs: uploads wait for it, heartbeats do not."""
+        self._restored.set()
+        self._restore_error: BaseException | None = None
 
     def restore(self, now_ns: int) -> None:
         """Rebuild the rules' windows from the store (start-up, or after a failed commit)."""
         with self._lock:
             self._restore_locked(now_ns)
 
-    def _restore_locked(self, now_ns: int) -> None:
-        self._engine = ThresholdEngine(self._policy)
-        self._engine.restore(
-            self._store.open_threshold_alerts(),
-            self._store.events_since(now_ns - self._policy.max_window_ns),
+    def restore_in_background(
+        self, now_ns: int, on_failure: Callable[[], None] = lambda: None
+    ) -> threading.Thread:
+        """Start `restore(now_ns)` on a thread and return it (join it on shutdown).
+
+        The server can listen meanwhile: enrolment, heartbeats and policy are served at
+        once, and uploads wait (after verifying their batch) until the windows they
+        feed are whole. If the restore fails, `on_failure` is called (serve stops) and
+        uploads fail with StoreError, which agents retry.
+        """
+        self._restored.clear()
+        self._restore_error = None
+        thread = threading.Thread(
+            target=self._restore_thread, args=(now_ns, on_failure), name="restore-windows"
         )
+        thread.start()
+        return thread
+
+    def _restore_thread(self, now_ns: int, on_failure: Callable[[], None]) -> None:
+        try:
+            self.restore(now_ns)
+        except BaseException as e:
+            self._restore_error = e
+            on_failure()
+            if not isinstance(e, CollectorError):
+                raise  # a bug: let the thread die loudly
+            logger.error("cannot restore the rule windows: %s", e)
+        finally:
+            self._restored.set()
+
+    @property
+    def restore_error(self) -> BaseException | None:
+        """Why the last `restore_in_background` failed; None if it did not (or still runs)."""
+        return self._restore_error
+
+    def _wait_restored(self) -> None:
+        if not self._restored.wait(self._settings.restore_wait_s):
+            raise StoreError("the rule windows are still being restored; retry")
+        if self._restore_error is not None:
+            raise StoreError(f"the rule windows could not be restored: {self._restore_error}")
+
+    def _restore_locked(self, now_ns: int) -> None:
+        started = time.monotonic()
+        state = self._store.read_with(
+            functools.partial(restore.load, policy=self._policy, now_ns=now_ns)
+        )
+        engine = ThresholdEngine(self._policy)
+        engine.restore(state.alerts, state.events)
+        self._engine = engine
+        logger.info(
+            "rule windows restored in %.2f s: %d events replayed (%d read), %d alerts",
+            time.monotonic() - started,
+            len(state.events),
+            state.rows_read,
+            len(state.alerts),
+        )
+
+    def _long_engine(self) -> LongRuleEngine | None:
+        """The long rules' engine; its state is read lazily from the store, so a new one is
+        as good as the old after a rollback."""
+        if not self._policy.long_rules:
+            return None
+        episodes = self._episodes
+        history = SqlHistory(
+            lambda: episodes.con,
+            self._policy.labels,
+            departments=self._directory.departments,
+            watchlists=self._directory.watchlists,
+        )
+        return LongRuleEngine(self._policy.long_rules, history, episodes)
+
+    def _long_rules(self, agent_id: str, now_ns: int) -> AfterEvents | None:
+        engine = self._long
+        if engine is None:
+            return None
+
+        def after(con: sqlite3.Connection, events: tuple[StoredEvent, ...]) -> list[AlertId]:
+            self._episodes.use(con)
+            policy = self._policy
+            findings = engine.feed_batch([long_event(e, policy, now_ns) for e in events])
+            return apply_findings(con, findings, agent_id, now_ns)
+
+        return after
+
+    def _future_alert(
+        self, batch: VerifiedBatch, now_ns: int
+    ) -> tuple[tuple[str, str, Severity], ...]:
+        skew = future_skew_ns(batch, now_ns)
+        limit = self._settings.max_future_skew_ns
+        if skew <= limit:
+            return ()
+        message = (
+            f"agent {batch.agent_id} batch {batch.batch_seq} is dated {skew / 1e9:.3f} s"
+            f" ({human_duration(skew / 1e9)}) ahead of the collector's clock, more than"
+            f" {human_duration(limit / 1e9)}; stored, its events counted at their arrival"
+        )
+        return ((CLOCK_SKEW_FUTURE, message, Severity.MEDIUM),)
 
     def upload(self, raw: bytes, tls_agent_id: str | None, now_ns: int) -> Ack:
         try:
@@ -52,9 +194,11 @@ class Ingestor:
             batch = verify_batch(
                 signed=(body, signature, key_id), tls_agent_id=tls_agent_id, agent=agent, last=head
             )
+            security = self._future_alert(batch, now_ns)
             # Build the rows before queueing for the lock: batches from other agents are
             # stored meanwhile (SQLite releases the GIL while it works).
             prepared = self._store.prepare(batch)
+            self._wait_restored()
             with self._lock:
                 engine = self._engine
 
@@ -62,10 +206,17 @@ class Ingestor:
                     return engine.feed(event, now_ns)
 
                 try:
-                    result = self._store.store_batch(prepared, decide, now_ns)
+                    result = self._store.store_batch(
+                        prepared,
+                        decide,
+                        now_ns,
+                        security=security,
+                        after=self._long_rules(batch.agent_id, now_ns),
+                    )
                 except Exception:
-                    # The transaction rolled back; the engine may have seen events that
-                    # are not stored. Rebuild it from what is.
+                    # The transaction rolled back; the engines may have seen events that
+                    # are not stored. Rebuild them from what is.
+                    self._long = self._long_engine()
                     self._restore_locked(now_ns)
                     raise
                 if now_ns - self._last_expire_ns > EXPIRE_EVERY_NS:
@@ -78,6 +229,8 @@ class Ingestor:
             raise
         if result.alerts_opened:
             logger.info("alerts opened: %s", ", ".join(map(str, result.alerts_opened)))
+        if security and not result.duplicate:
+            logger.warning("%s: %s", CLOCK_SKEW_FUTURE, security[0][1])
         return Ack(
             agent_id=batch.agent_id,
             batch_seq=batch.batch_seq,

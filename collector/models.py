@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import NamedTuple, NewType
 
+from collector.reasons import ReasonParts
+
 AgentId = NewType("AgentId", str)
 EventId = NewType("EventId", str)
 AlertId = NewType("AlertId", int)
@@ -62,7 +64,7 @@ class StoredEvent(NamedTuple):
 
     Immutable like the other values here, but a NamedTuple rather than a frozen
     dataclass: one is built for every event ingested, and a frozen dataclass's
-    __init__ (one object.__setattr__ per field) costs about 7 us for these 23 fields
+    __init__ (one object.__setattr__ per field) costs about 7 us for these 24 fields
     against 1 us here. Fields are in the order of the store's events columns.
     """
 
@@ -92,10 +94,20 @@ class StoredEvent(NamedTuple):
     device: DeviceView | None = None
     gap_reason: str = ""
     gap_count: int = 0
+    archive_member: bytes = b""
+    """For archive_member detections: the member's name inside the destination archive."""
+    access_count: int = 1
+    """How many accesses the event stands for (the agent folds repeated reads)."""
 
     @property
     def size(self) -> int:
-        """Bytes moved: the destination's size, else the source's."""
+        """Bytes moved: the destination's size, else the source's.
+
+        A member of an archive moved its own bytes (the source's, equal by hash): each
+        member counts as one labelled document, not as the whole archive again.
+        """
+        if self.archive_member:
+            return self.source_size
         return self.dest_size or self.source_size
 
     @property
@@ -142,6 +154,8 @@ class AlertOpened:
     """The window stays hot (alert open for new evidence) until this event time."""
     reason: str
     """One line an administrator reads, e.g. "alice copied 25 confidential files ..."."""
+    parts: ReasonParts | None = None
+    """What `reason` says apart from the numbers; the store re-renders it as evidence grows."""
 
 
 @dataclass(frozen=True)
@@ -152,6 +166,8 @@ class EvidenceAdded:
     group: GroupKey
     event_id: EventId
     hot_until_ns: int
+    parts: ReasonParts | None = None
+    """How this event reads in its alert's reason (merged into the alert's parts)."""
 
 
 ThresholdDecision = AlertOpened | EvidenceAdded

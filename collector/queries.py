@@ -31,6 +31,7 @@ from collector.models import (
     StoredEvent,
     VerifiedBatch,
 )
+from collector.reasons import ReasonParts
 from collector.records import AgentRecord, AlertRecord, StoredBatch
 
 logger = logging.getLogger(__name__)
@@ -39,11 +40,12 @@ EVENT_COLUMNS = (
     "event_id, agent_id, batch_seq, seq, observed_at_ns, action, host, user, label,"
     " label_source, source_path, source_size, source_sha256, dest_path, dest_size,"
     " dest_sha256, destination_class, detection, attribution, process_json, device_json,"
-    " gap_reason, gap_count"
+    " gap_reason, gap_count, archive_member, access_count"
 )
 ALERT_COLUMNS = (
     "alert_id, kind, rule, group_json, severity, status, reason, created_at_ns,"
-    " updated_at_ns, files, bytes, first_ns, last_ns, hot_until_ns, agent_id, count, details"
+    " updated_at_ns, files, bytes, first_ns, last_ns, hot_until_ns, agent_id, count, details,"
+    " assignee"
 )
 AGENT_COLUMNS = (
     "agent_id, public_key, key_id, hostname, agent_version, enrolled_at_ns, last_seen_ns,"
@@ -64,7 +66,7 @@ if [c.removesuffix("_json") for c in _COLUMNS] != list(StoredEvent._fields):
 # SQL text is assembled only from the constant column lists above (hence ruff S608
 # is silenced); every value is a bound parameter.
 _E = ", ".join("e." + c.strip() for c in EVENT_COLUMNS.split(","))
-INSERT_EVENT = f"INSERT INTO events ({EVENT_COLUMNS}) VALUES ({', '.join('?' * 23)})"  # noqa: S608
+INSERT_EVENT = f"INSERT INTO events ({EVENT_COLUMNS}) VALUES ({', '.join('?' * len(_COLUMNS))})"  # noqa: S608
 _AGENT = f"SELECT {AGENT_COLUMNS} FROM agents WHERE agent_id = ?"  # noqa: S608
 _AGENTS = f"SELECT {AGENT_COLUMNS} FROM agents ORDER BY agent_id"  # noqa: S608
 _LATEST_EVENTS = (
@@ -181,8 +183,8 @@ def alert_from_row(row: Any) -> AlertRecord:
         group=tuple((k, v) for k, v in json.loads(row[3])), severity=Severity(row[4]),
         status=AlertStatus(row[5]), reason=row[6], created_at_ns=row[7], updated_at_ns=row[8],
         files=row[9], bytes=row[10], first_ns=row[11], last_ns=row[12], hot_until_ns=row[13],
-        agent_id=row[14], count=row[15], details=row[16],
-        evidence=tuple(EventId(e) for e in json.loads(row[17])),
+        agent_id=row[14], count=row[15], details=row[16], assignee=row[17],
+        evidence=tuple(EventId(e) for e in json.loads(row[18])),
     )  # fmt: skip
 
 
@@ -264,9 +266,17 @@ def batches(con: sqlite3.Connection, agent_id: str) -> Iterator[StoredBatch]:
 
 # -- writes run inside SqliteStore's transactions -----------------------------------
 
-_FIND_ALERT = (  # the open alert of a group, else its latest, so no evidence is lost
-    "SELECT alert_id FROM alerts WHERE kind = ? AND rule = ? AND group_json = ?"
+_FIND_ALERT = (  # the open alert of a group, else its latest (see `_evidence_alert`)
+    "SELECT alert_id, status IN ('new', 'in_progress') FROM alerts"
+    " WHERE kind = ? AND rule = ? AND group_json = ?"
     " ORDER BY status IN ('new', 'in_progress') DESC, alert_id DESC LIMIT 1"
+)
+_FOLLOW_UP = (  # a closed alert's copy, opened for evidence that arrived after it closed
+    "INSERT INTO alerts (kind, rule, group_json, severity, status, reason, created_at_ns,"
+    " updated_at_ns, files, bytes, first_ns, last_ns, hot_until_ns, agent_id)"
+    " SELECT kind, rule, group_json, severity, 'new',"
+    " 'more after alert #' || alert_id || ' was closed as ' || status || ': ' || reason,"
+    " ?1, ?1, 0, 0, ?2, ?2, ?3, agent_id FROM alerts WHERE alert_id = ?4"
 )
 _FIND_OPEN_ALERT = (
     "SELECT alert_id FROM alerts WHERE kind = ? AND rule = ? AND group_json = ?"
@@ -374,9 +384,35 @@ def open_alert(con: sqlite3.Connection, d: AlertOpened, agent_id: str, now_ns: i
          now_ns, now_ns, d.files, d.bytes, d.first_ns, d.last_ns, d.hot_until_ns, agent_id),
     )  # fmt: skip
     alert_id = AlertId(cur.lastrowid or 0)
+    if d.parts is not None:  # the reason's words, re-rendered as evidence grows the totals
+        con.execute(_SET_PARTS, (d.parts.to_json(), alert_id))
     insert_rows(con, _ATTACH_MANY, [(alert_id, event_id) for event_id in d.evidence], 2)
     logger.info("alert %d opened: rule %s, %d files", alert_id, d.rule, d.files)
     return alert_id
+
+
+_SET_PARTS = "UPDATE alerts SET details = ? WHERE alert_id = ?"
+_GROWN = "SELECT files, bytes, first_ns, last_ns, details FROM alerts WHERE alert_id = ?"
+_SET_REASON = "UPDATE alerts SET reason = ?, details = ? WHERE alert_id = ?"
+
+
+def rewrite_reason(con: sqlite3.Connection, alert_id: AlertId, parts: ReasonParts) -> None:
+    """Re-render a threshold alert's reason from its current totals (issue 2: it must not
+    say "20 files" when the alert holds 25), merging `parts` into the words it keeps.
+
+    Only alerts opened with their parts stored (`details`, collector.reasons) are rewritten;
+    others (opened by an older collector, or a follow-up of a closed alert) keep their line.
+    """
+    row = con.execute(_GROWN, (alert_id,)).fetchone()
+    if row is None or not row[4]:
+        return
+    files, size, first_ns, last_ns, details = row
+    stored = ReasonParts.from_json(details)
+    if stored is None:
+        return
+    merged = stored.merge(parts)
+    text = details if merged is stored else merged.to_json()
+    con.execute(_SET_REASON, (merged.render(files, size, first_ns, last_ns), text, alert_id))
 
 
 def add_evidence(
@@ -386,12 +422,6 @@ def add_evidence(
 
     `ev` is the event when the caller has it at hand, else it is read back.
     """
-    row = con.execute(_FIND_ALERT, (AlertKind.THRESHOLD.value, d.rule, group_json(d.group)))
-    found = row.fetchone()
-    if found is None:
-        logger.warning("evidence %s for rule %s has no alert; dropped", d.event_id, d.rule)
-        return
-    alert_id = found[0]
     if ev is None:
         sql = "SELECT observed_at_ns, CASE dest_size WHEN 0 THEN source_size ELSE dest_size END"
         one = con.execute(sql + " FROM events WHERE event_id = ?", (d.event_id,)).fetchone()
@@ -400,9 +430,39 @@ def add_evidence(
         observed_ns, size = one
     else:
         observed_ns, size = ev.observed_at_ns, ev.size
+    alert_id = _evidence_alert(con, d, observed_ns, now_ns)
+    if alert_id is None:
+        logger.warning("evidence %s for rule %s has no alert; dropped", d.event_id, d.rule)
+        return
     added = con.execute(_ATTACH, (alert_id, d.event_id)).rowcount
     grow = (added, size * added, observed_ns, observed_ns, d.hot_until_ns, now_ns, alert_id)
     con.execute(_GROW, grow)
+    if d.parts is not None:
+        rewrite_reason(con, alert_id, d.parts)
+
+
+def _evidence_alert(
+    con: sqlite3.Connection, d: EvidenceAdded, observed_ns: int, now_ns: int
+) -> AlertId | None:
+    """The alert evidence `d` joins: its group's open alert.
+
+    The rules keep a group's window hot, and keep sending evidence, however its alert was
+    decided. Once an analyst closed the alert (resolved, false positive), evidence must not
+    vanish into it unseen, nor may one closing blind the group while it stays hot: the
+    first such event opens a new alert (status new) on the closed one's rule and group,
+    which later evidence joins. None when the group never had an alert.
+    """
+    params = (AlertKind.THRESHOLD.value, d.rule, group_json(d.group))
+    found = con.execute(_FIND_ALERT, params).fetchone()
+    if found is None:
+        return None
+    closed, is_open = found
+    if is_open:
+        return AlertId(closed)
+    cur = con.execute(_FOLLOW_UP, (now_ns, observed_ns, d.hot_until_ns, closed))
+    alert_id = AlertId(cur.lastrowid or 0)
+    logger.info("alert %d was closed; evidence %s opens alert %d", closed, d.event_id, alert_id)
+    return alert_id
 
 
 class AlertWriter:
@@ -429,16 +489,18 @@ class AlertWriter:
         self._new = new_events
         """Events inserted by this transaction: none of them is linked to an alert yet."""
         self._alerts: dict[tuple[str, GroupKey], AlertId | None] = {}
-        """What _FIND_ALERT answers per (rule, group); only `open` changes that here."""
+        """The alert evidence joins per (rule, group) (`_evidence_alert`); `open` moves it."""
         self._linked: set[tuple[AlertId, str]] = set()
         self._links: list[tuple[AlertId, str]] = []
         self._totals: dict[AlertId, list[int]] = {}
         """alert -> [files, bytes, first_ns, last_ns, hot_until_ns] to add."""
+        self._parts: dict[AlertId, ReasonParts] = {}
+        """alert -> the words of its new evidence, merged into its reason by `flush`."""
         self.opened: list[AlertId] = []
 
     def open(self, d: AlertOpened) -> AlertId:
         alert_id = open_alert(self._con, d, self._agent_id, self._now_ns)
-        # The newest open alert of its group from now on, which is what _FIND_ALERT prefers.
+        # The newest open alert of its group from now on, which is what _evidence_alert picks.
         self._alerts[d.rule, d.group] = alert_id
         self._linked.update((alert_id, event_id) for event_id in d.evidence)
         self.opened.append(alert_id)
@@ -453,12 +515,14 @@ class AlertWriter:
         if key in self._alerts:
             alert_id = self._alerts[key]
         else:
-            params = (AlertKind.THRESHOLD.value, d.rule, group_json(d.group))
-            found = self._con.execute(_FIND_ALERT, params).fetchone()
-            alert_id = self._alerts[key] = None if found is None else AlertId(found[0])
+            t = ev.observed_at_ns
+            alert_id = self._alerts[key] = _evidence_alert(self._con, d, t, self._now_ns)
         if alert_id is None:
             logger.warning("evidence %s for rule %s has no alert; dropped", d.event_id, d.rule)
             return
+        if d.parts is not None:
+            parts = self._parts.get(alert_id)
+            self._parts[alert_id] = d.parts if parts is None else parts.merge(d.parts)
         link = (alert_id, d.event_id)
         added = link not in self._linked
         if added:
@@ -482,8 +546,11 @@ class AlertWriter:
             _GROW,
             [(*totals, self._now_ns, alert_id) for alert_id, totals in self._totals.items()],
         )
+        for alert_id, parts in self._parts.items():
+            rewrite_reason(self._con, alert_id, parts)
         self._links.clear()
         self._totals.clear()
+        self._parts.clear()
 
 
 def security_alert(

@@ -54,6 +54,8 @@ class AlertRecord:
     """Security alerts: how many times the refusal was seen while the alert was open."""
     details: str
     evidence: tuple[EventId, ...]
+    assignee: str | None = None
+    """The console user working on it (collector.triage), if any."""
 
 
 @dataclass(frozen=True)

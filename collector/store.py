@@ -9,14 +9,15 @@ import hmac
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, assert_never
+from typing import Literal, TypeVar, assert_never
 
 from collector import queries
 from collector.errors import EnrollmentError, NotFoundError, ReplayConflictError, StoreError
+from collector.longalerts import LONG_SCHEMA
 from collector.models import (
     AlertId,
     AlertOpened,
@@ -42,7 +43,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: console users, sessions, login failures, alert notes, the trail; alerts.assignee;
+events.archive_member."""
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS agents (
@@ -59,6 +62,11 @@ CREATE TABLE IF NOT EXISTS batches (
     digest BLOB NOT NULL, prev_digest BLOB NOT NULL, body BLOB NOT NULL,
     signature BLOB NOT NULL, key_id BLOB NOT NULL, received_at_ns INTEGER NOT NULL,
     PRIMARY KEY (agent_id, batch_seq));
+-- Batches holding events dated after they arrived (an agent clock ahead): the rules
+-- counted those events at received_at_ns, and a restart counts them so again.
+CREATE TABLE IF NOT EXISTS future_dated_batches (
+    agent_id TEXT NOT NULL, batch_seq INTEGER NOT NULL, received_at_ns INTEGER NOT NULL,
+    PRIMARY KEY (agent_id, batch_seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
     event_id TEXT PRIMARY KEY, agent_id TEXT NOT NULL, batch_seq INTEGER NOT NULL,
     seq INTEGER NOT NULL, observed_at_ns INTEGER NOT NULL, action TEXT NOT NULL,
@@ -67,6 +75,7 @@ CREATE TABLE IF NOT EXISTS events (
     dest_path BLOB NOT NULL, dest_size INTEGER NOT NULL, dest_sha256 TEXT NOT NULL,
     destination_class TEXT NOT NULL, detection TEXT NOT NULL, attribution TEXT NOT NULL,
     process_json TEXT, device_json TEXT, gap_reason TEXT NOT NULL, gap_count INTEGER NOT NULL,
+    archive_member BLOB NOT NULL DEFAULT x'', access_count INTEGER NOT NULL DEFAULT 1,
     FOREIGN KEY (agent_id, batch_seq) REFERENCES batches (agent_id, batch_seq));
 CREATE INDEX IF NOT EXISTS events_time ON events (observed_at_ns);
 CREATE INDEX IF NOT EXISTS events_user_time ON events (user, observed_at_ns);
@@ -80,7 +89,8 @@ CREATE TABLE IF NOT EXISTS alerts (
     reason TEXT NOT NULL, created_at_ns INTEGER NOT NULL, updated_at_ns INTEGER NOT NULL,
     files INTEGER NOT NULL, bytes INTEGER NOT NULL, first_ns INTEGER NOT NULL,
     last_ns INTEGER NOT NULL, hot_until_ns INTEGER NOT NULL, agent_id TEXT NOT NULL,
-    count INTEGER NOT NULL DEFAULT 1, details TEXT NOT NULL DEFAULT '');
+    count INTEGER NOT NULL DEFAULT 1, details TEXT NOT NULL DEFAULT '',
+    assignee TEXT);
 CREATE INDEX IF NOT EXISTS alerts_group ON alerts (kind, rule, group_json, status);
 CREATE INDEX IF NOT EXISTS alerts_status ON alerts (status, alert_id);
 CREATE TABLE IF NOT EXISTS alert_events (
@@ -88,7 +98,42 @@ CREATE TABLE IF NOT EXISTS alert_events (
     event_id TEXT NOT NULL REFERENCES events (event_id),
     PRIMARY KEY (alert_id, event_id)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS alert_events_event ON alert_events (event_id);
+-- The console (collector.users, collector.triage, collector.trail). Users are locked,
+-- never deleted, so every trail entry keeps pointing at somebody.
+CREATE TABLE IF NOT EXISTS users (
+    name TEXT PRIMARY KEY COLLATE NOCASE,
+    role TEXT NOT NULL CHECK (role IN ('admin', 'analyst', 'viewer')),
+    password_hash TEXT NOT NULL, locked INTEGER NOT NULL DEFAULT 0,
+    created_at_ns INTEGER NOT NULL, last_login_ns INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS sessions (
+    id_hash BLOB PRIMARY KEY, user TEXT NOT NULL REFERENCES users (name), csrf TEXT NOT NULL,
+    created_at_ns INTEGER NOT NULL, last_seen_ns INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user);
+CREATE TABLE IF NOT EXISTS login_failures (subject TEXT NOT NULL, at_ns INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS login_failures_subject ON login_failures (subject, at_ns);
+CREATE TABLE IF NOT EXISTS alert_notes (
+    note_id INTEGER PRIMARY KEY, alert_id INTEGER NOT NULL REFERENCES alerts (alert_id),
+    author TEXT NOT NULL, at_ns INTEGER NOT NULL, text TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS alert_notes_alert ON alert_notes (alert_id, note_id);
+CREATE TABLE IF NOT EXISTS trail (
+    seq INTEGER PRIMARY KEY, at_ns INTEGER NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
+    target TEXT NOT NULL, detail TEXT NOT NULL, prev_hash BLOB NOT NULL, hash BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS trail_target ON trail (target, seq);
+CREATE INDEX IF NOT EXISTS trail_actor ON trail (actor, seq);
 """
+TRIGGERS = (  # apart from SCHEMA: a trigger's body holds ';', which SCHEMA is split on
+    "CREATE TRIGGER IF NOT EXISTS users_never_deleted BEFORE DELETE ON users"
+    " BEGIN SELECT RAISE(ABORT, 'users are locked, never deleted'); END",
+    "CREATE TRIGGER IF NOT EXISTS alert_notes_no_update BEFORE UPDATE ON alert_notes"
+    " BEGIN SELECT RAISE(ABORT, 'notes are append-only'); END",
+    "CREATE TRIGGER IF NOT EXISTS alert_notes_no_delete BEFORE DELETE ON alert_notes"
+    " BEGIN SELECT RAISE(ABORT, 'notes are append-only'); END",
+    # Defence in depth: collector.trail.Trail.verify still catches edits made without them.
+    "CREATE TRIGGER IF NOT EXISTS trail_no_update BEFORE UPDATE ON trail"
+    " BEGIN SELECT RAISE(ABORT, 'the trail is append-only'); END",
+    "CREATE TRIGGER IF NOT EXISTS trail_no_delete BEFORE DELETE ON trail"
+    " BEGIN SELECT RAISE(ABORT, 'the trail is append-only'); END",
+)
 
 _LAST_LIFECYCLE = (  # served by the partial index events_lifecycle
     "SELECT action FROM events WHERE agent_id = ? AND action IN ('agent_start', 'agent_stop')"
@@ -111,6 +156,13 @@ CHECKPOINT_EVERY_S = 0.25
 """Least time between two background checkpoints (see `_checkpoint_loop`)."""
 
 Decide = Callable[[StoredEvent], list[ThresholdDecision]]
+AfterEvents = Callable[[sqlite3.Connection, tuple[StoredEvent, ...]], Sequence[AlertId]]
+"""Runs inside a batch's transaction on its new events; returns the alerts it opened."""
+_T = TypeVar("_T")
+_FUTURE_DATED = (
+    "INSERT OR IGNORE INTO future_dated_batches (agent_id, batch_seq, received_at_ns)"
+    " VALUES (?, ?, ?)"
+)
 
 
 def connection_pragmas(synchronous: str, *, writer: bool) -> tuple[str, ...]:
@@ -180,6 +232,14 @@ class SqliteStore:
                     f"{self._path}: schema version {version} is newer than this collector"
                     f" ({SCHEMA_VERSION}); upgrade exfilwatch"
                 )
+            _migrate(con)
+            for statement in LONG_SCHEMA.split(";"):
+                if statement.strip():
+                    con.execute(statement)
+            for trigger in TRIGGERS:
+                con.execute(trigger)
+            if version is not None and version < SCHEMA_VERSION:
+                con.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
 
     @classmethod
     def open(
@@ -402,14 +462,24 @@ class SqliteStore:
         return PreparedBatch(batch, tuple(queries.event_rows(batch.events)))
 
     def store_batch(
-        self, batch: VerifiedBatch | PreparedBatch, decide: Decide, now_ns: int
+        self,
+        batch: VerifiedBatch | PreparedBatch,
+        decide: Decide,
+        now_ns: int,
+        *,
+        security: Sequence[tuple[str, str, Severity]] = (),
+        after: AfterEvents | None = None,
     ) -> StoreResult:
         """Store a verified batch, its new events and the alerts they cause, atomically.
 
         A byte-identical replay returns duplicate=True and stores nothing; the same
         batch_seq with other bytes raises ReplayConflictError. `decide` runs under the
         store's write lock for each newly stored event (ids seen in an earlier batch are
-        skipped); if it raises, nothing of the batch is stored.
+        skipped); if it raises, nothing of the batch is stored. `security`: (kind, message,
+        severity) of security alerts the batch raises although it is stored (e.g. dated
+        in the future), recorded in the same transaction (not for a duplicate). `after`
+        runs once with the transaction's connection and the new events, after the threshold
+        decisions are written (the long rules), and returns the alerts it opened.
         """
         prepared = batch if isinstance(batch, PreparedBatch) else self.prepare(batch)
         batch = prepared.batch
@@ -450,8 +520,15 @@ class SqliteStore:
                     else:
                         assert_never(decision)
             writer.flush()
+            opened = list(writer.opened)
+            if after is not None and events:
+                opened.extend(after(con, events))
+            if events and max(ev.observed_at_ns for ev in events) > now_ns:
+                con.execute(_FUTURE_DATED, (*key, now_ns))
+            for reason_kind, message, severity in security:
+                queries.security_alert(con, batch.agent_id, reason_kind, message, now_ns, severity)
         self._checkpoint_soon()
-        return StoreResult(duplicate=False, events_stored=len(events), alerts_opened=writer.opened)
+        return StoreResult(duplicate=False, events_stored=len(events), alerts_opened=opened)
 
     def record_security_alert(
         self,
@@ -514,10 +591,29 @@ class SqliteStore:
         with self._read() as con:
             return queries.open_threshold_alerts(con)
 
+    def read_with(self, query: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run a read-only query function (e.g. collector.restore's) on this thread's read
+        connection; sqlite3 errors become StoreError. It must not keep the connection."""
+        with self._read() as con:
+            return query(con)
+
     def batch_bodies(self, agent_id: str) -> Iterator[StoredBatch]:
         """Every batch of an agent as received (body, signature, key id), in order."""
         with self._read() as con:
             yield from queries.batches(con, agent_id)
+
+
+def _migrate(con: sqlite3.Connection) -> None:
+    """Bring a database made by an older collector up to SCHEMA: columns added since."""
+    columns = {row[1] for row in con.execute("PRAGMA table_info(alerts)")}
+    if "assignee" not in columns:  # schema 1
+        con.execute("ALTER TABLE alerts ADD COLUMN assignee TEXT")
+    con.execute("CREATE INDEX IF NOT EXISTS alerts_assignee ON alerts (assignee, status, alert_id)")
+    columns = {row[1] for row in con.execute("PRAGMA table_info(events)")}
+    if "archive_member" not in columns:  # schema 1
+        con.execute("ALTER TABLE events ADD COLUMN archive_member BLOB NOT NULL DEFAULT x''")
+    if "access_count" not in columns:  # schema 1 and early schema 2
+        con.execute("ALTER TABLE events ADD COLUMN access_count INTEGER NOT NULL DEFAULT 1")
 
 
 def _head(con: sqlite3.Connection, agent_id: str) -> ChainHead | None:

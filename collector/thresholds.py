@@ -1,6 +1,8 @@
 """Threshold engine, between store and alerts: sliding event-time windows per rule and group.
 
 Sans-I/O: fed stored events with `now` passed in, it returns AlertOpened / EvidenceAdded decisions.
+An event counts at its own time, or at `now` (the collector's receive time) if that is
+earlier: a clock running ahead cannot hold a window open, nor stamp a burst out of one.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collector.models import (
     ThresholdDecision,
 )
 from collector.policy import Dimension, Policy, Rule
+from collector.reasons import ReasonParts
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +106,8 @@ class _Group:
     episodes: list[_Episode] = field(default_factory=list)
     """Sorted by first_hot_ns; their [first_hot_ns, hot_until_ns) never overlap."""
     last_fed_ns: int | None = None
+    parts: dict[tuple[int, str, str], ReasonParts] = field(default_factory=dict)
+    """How an event of (label rank, action, destination class) reads in this group's reason."""
 
     def insert(self, entry: _Entry) -> bool:
         """Insert in (time, id) order; True when the entry went last (in-order delivery)."""
@@ -188,10 +193,16 @@ class ThresholdEngine:
     An event matches a rule when its action is one of the rule's actions, its label ranks at
     or above min_label (unlabelled or unlisted: never) and its destination class is listed.
     Windows are half-open on event time, (t - window, t]; a window crosses when its files
-    or bytes reach the threshold. A group's first crossing opens an alert (AlertOpened, with
-    every in-window event as evidence). A later event before the episode's hot_until (or at
-    it, when its window still crosses: there was no instant the group was cool) is
-    EvidenceAdded and moves hot_until on; after that, a new crossing opens a new alert.
+    or bytes reach the threshold. An event's time is its observed_at_ns, or `now` when that
+    is earlier (an agent clock ahead of the collector's), so `now` must be the time the
+    collector received the event (for a replay: when it was received then).
+
+    A group's first crossing opens an alert (AlertOpened, with every in-window event as
+    evidence). A later event before the episode's hot_until (or at it, when its window
+    still crosses: there was no instant the group was cool) is EvidenceAdded and moves
+    hot_until on; after that, a new crossing opens a new alert. Decisions carry the words
+    of the alert's one-line reason (collector.reasons); the store renders it with the
+    alert's totals, so the reason grows with its evidence.
 
     Memory: per (rule, group) only the newest events that can still decide are retained:
     the newest `files` events, or the shortest newest run whose bytes reach `bytes` if that
@@ -245,8 +256,9 @@ class ThresholdEngine:
         rules = self._rules_for(rank, event.action, event.destination_class)
         if not rules:
             return []
+        t = event.observed_at_ns
         entry = _Entry(
-            event.observed_at_ns,
+            t if t <= now_ns else now_ns,
             event.event_id,
             event.size,
             rank,
@@ -292,18 +304,22 @@ class ThresholdEngine:
 
     def restore(
         self,
-        open_alerts: Iterable[tuple[str, GroupKey, int]],
-        events: Iterable[StoredEvent],
+        alerts: Iterable[tuple[str, GroupKey, int]],
+        events: Iterable[tuple[int, StoredEvent]],
     ) -> None:
         """Rebuild state after a restart, replacing any current state.
 
-        `events`: the stored events of the last policy.max_window_ns, in time order; they are
-        replayed silently. `open_alerts`: (rule, group, hot_until_ns) of the open alerts; each
-        keeps its group's episode hot at least that long, so later events attach to it."""
+        `events`: (counted-at time, event) in time order, replayed silently; the time is the
+        one the event was counted at when it arrived (observed, or received if earlier). At
+        least each group's events any window ending at or after its newest one needs
+        (collector.restore selects just those), or simply every event of the last
+        policy.max_window_ns. `alerts`: (rule, group, hot_until_ns) of the alerts whose
+        stretch may still be hot; each keeps its group's episode hot at least that long, so
+        later events attach to it rather than open another alert."""
         self._groups.clear()
-        for event in events:
-            self.feed(event, event.observed_at_ns)
-        for name, key, hot_until in open_alerts:
+        for t, event in events:
+            self.feed(event, t)
+        for name, key, hot_until in alerts:
             rule = self._rules.get(name)
             if rule is None:
                 logger.info("open alert of rule %s, no longer in the policy, not restored", name)
@@ -355,7 +371,8 @@ class ThresholdEngine:
             cover = group.covering(entry.t, window) if old_spans else None
             if cover is None:
                 return []
-            return [EvidenceAdded(rule.name, key, entry.event_id, cover.hot_until_ns)]
+            parts = self._event_parts(rule, key, group, entry)
+            return [EvidenceAdded(rule.name, key, entry.event_id, cover.hot_until_ns, parts)]
 
         decisions: list[tuple[int, ThresholdDecision]] = []
         opened: set[EventId] = set()
@@ -373,7 +390,8 @@ class ThresholdEngine:
             cover = group.covering(e.t, window)
             if cover is not None and e.event_id not in opened:
                 until = cover.hot_until_ns
-                decisions.append((e.t, EvidenceAdded(rule.name, key, e.event_id, until)))
+                parts = self._event_parts(rule, key, group, e)
+                decisions.append((e.t, EvidenceAdded(rule.name, key, e.event_id, until, parts)))
         decisions.sort(key=lambda item: item[0])
         return [decision for _, decision in decisions]
 
@@ -399,40 +417,46 @@ class ThresholdEngine:
     def _opened(self, rule: Rule, key: GroupKey, group: _Group, ep: _Episode) -> AlertOpened:
         start, end = group.bounds(ep.first_hot_ns, rule.window_ns)
         window = group.entries[start:end]
+        files, size = len(window), group.prefix[end] - group.prefix[start]
+        parts = self._describe(rule, key, window)
         return AlertOpened(
             rule=rule.name,
             group=key,
             severity=rule.severity,
             evidence=tuple(e.event_id for e in window),
-            files=len(window),
-            bytes=group.prefix[end] - group.prefix[start],
+            files=files,
+            bytes=size,
             first_ns=window[0].t,
             last_ns=window[-1].t,
             hot_until_ns=ep.hot_until_ns,
-            reason=self._reason(rule, key, window),
+            reason=parts.render(files, size, window[0].t, window[-1].t),
+            parts=parts,
         )
 
-    def _reason(self, rule: Rule, key: GroupKey, window: list[_Entry]) -> str:
-        """One plain line, e.g. "alice on lt-0412 copied 20 confidential files, 42.0 MiB, to
-        removable in 3 min; rule bulk-copy-to-usb: 20 files / 100 MiB in 10m"."""
+    def _event_parts(self, rule: Rule, key: GroupKey, group: _Group, entry: _Entry) -> ReasonParts:
+        """How one evidence event reads in the reason (one object per kind of event)."""
+        kind = (entry.rank, entry.action, entry.destination)
+        parts = group.parts.get(kind)
+        if parts is None:
+            parts = group.parts[kind] = self._describe(rule, key, (entry,))
+        return parts
+
+    def _describe(self, rule: Rule, key: GroupKey, entries: Iterable[_Entry]) -> ReasonParts:
+        """The reason's words for `entries`, e.g. "alice on lt-0412 copied ... confidential
+        files ... to removable ...; rule bulk-copy-to-usb: 20 files / 100 MiB in 10m"."""
         values = dict(key)
-        label = self._policy.labels[max(e.rank for e in window)]
-        noun = "file" if len(window) == 1 else "files"
-        what = f"{len(window)} {label} {noun}, {_human_size(sum(e.size for e in window))}"
-        verb = " or ".join(sorted({_VERBS.get(e.action, e.action) for e in window}))
-        dest = values.get("destination") or ", ".join(sorted({e.destination for e in window}))
-        span = "" if len(window) == 1 else f" in {_human_span(window[-1].t - window[0].t)}"
-        user, host = values.get("user"), values.get("host")
-        if user is not None:
-            who = user or "unknown user"
-            if host is not None:
-                who += f" on {host or 'unknown host'}"
-            text = f"{who} {verb} {what}, to {dest}{span}"
-        else:
-            where = "" if host is None else f"on {host or 'unknown host'}: "
-            text = f"{where}{what}, {verb} to {dest}{span}"
-        text += f"; rule {rule.name}: {rule.describe()}"
-        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+        entries = tuple(entries)
+        rank = max(e.rank for e in entries)
+        return ReasonParts(
+            rule=f"{rule.name}: {rule.describe()}",
+            user=values.get("user"),
+            host=values.get("host"),
+            destination=values.get("destination"),
+            label_rank=rank,
+            label=self._policy.labels[rank],
+            verbs=tuple(sorted({_VERBS.get(e.action, e.action) for e in entries})),
+            destination_classes=tuple(sorted({e.destination for e in entries})),
+        )
 
 
 def _newly_covered(
@@ -457,27 +481,3 @@ def _newly_covered(
 def _between(group: _Group, first_ns: int, last_ns: int) -> list[_Entry]:
     times = group.times
     return group.entries[bisect.bisect_left(times, first_ns) : bisect.bisect_right(times, last_ns)]
-
-
-def _human_size(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    value = float(n)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        value /= 1024
-        if value < 1024 or unit == "TiB":
-            break
-    return f"{value:.1f} {unit}"
-
-
-def _human_span(ns: int) -> str:
-    seconds = ns // 1_000_000_000
-    if seconds < 1:
-        return "under 1 s"
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min"
-    if seconds < 48 * 3600:
-        return f"{seconds // 3600} h"
-    return f"{seconds // 86400} days"

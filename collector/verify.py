@@ -121,3 +121,17 @@ def verify_batch(
         key_id=key_id,
         events=events,
     )
+
+
+def future_skew_ns(batch: VerifiedBatch, now_ns: int) -> int:
+    """How far the batch's latest timestamp (sealed_at, or an event's observed_at) lies
+    after `now_ns`, the collector's clock at receipt; zero or less when none is ahead.
+
+    A batch dated in the future is still genuine (signed, chained): the agent's clock runs
+    ahead, by mistake or on purpose. The caller stores it and decides how much is implausible.
+    """
+    latest = batch.sealed_at_ns
+    for event in batch.events:
+        if event.observed_at_ns > latest:
+            latest = event.observed_at_ns
+    return latest - now_ns

@@ -61,6 +61,12 @@ def event_json(e: StoredEvent) -> dict[str, object]:
         "process": None,
         "device": None,
         "gap": {"reason": e.gap_reason, "count": e.gap_count} if e.gap_reason else None,
+        "count": e.access_count,
+        "archive_member": (
+            {"name": display_path(e.archive_member), "name_b64": path_b64(e.archive_member)}
+            if e.archive_member
+            else None
+        ),
     }
     if e.process is not None:
         p = e.process
@@ -90,11 +96,19 @@ def event_line(e: StoredEvent) -> str:
     if e.action == "coverage_gap":
         return f"{when}  {e.host}  coverage_gap {e.gap_reason} x{e.gap_count}"
     src = display_path(e.source_path) if e.source_path else "-"
-    dst = display_path(e.dest_path) if e.dest_path else "-"
+    dst = _destination_text(e) if e.dest_path else "-"
     return (
         f"{when}  {e.host}  {e.user or '?'}  {e.action}  {e.label or '-'}  "
         f"{human_bytes(e.size)}  {src} -> {dst}  [{e.destination_class or '-'}]"
     )
+
+
+def _destination_text(e: StoredEvent) -> str:
+    """The destination path, and the member's name when the copy sits inside an archive."""
+    dst = display_path(e.dest_path)
+    if e.archive_member:
+        return f"{dst} (member {display_path(e.archive_member)})"
+    return dst
 
 
 def alert_json(a: AlertRecord, evidence: Sequence[StoredEvent] | None) -> dict[str, object]:
@@ -114,6 +128,7 @@ def alert_json(a: AlertRecord, evidence: Sequence[StoredEvent] | None) -> dict[s
         "last_event_at": iso(a.last_ns),
         "agent_id": a.agent_id,
         "count": a.count,
+        "assignee": a.assignee,
         "evidence": list(a.evidence),
     }
     if evidence is not None:
@@ -144,7 +159,7 @@ def alert_text(a: AlertRecord, events: Sequence[StoredEvent]) -> str:
                 dev = f" {e.device.vendor} {e.device.model} {e.device.serial}".rstrip()
             lines.append(
                 f"    {iso(e.observed_at_ns)}  {e.label:<12} {human_bytes(e.size):>10}  "
-                f"{display_path(e.source_path)} -> {display_path(e.dest_path)}  "
+                f"{display_path(e.source_path)} -> {_destination_text(e)}  "
                 f"[{e.destination_class}{dev}; {e.detection}; {e.user or '?'}; "
                 f"{display_path(proc.encode())}]"
             )

@@ -76,6 +76,8 @@ def main() -> int:
             "127.0.0.1:0",
             "--enroll-listen",
             "127.0.0.1:0",
+            "--console-listen",
+            "127.0.0.1:0",
             "--policy",
             str(ROOT / "configs/policy.yaml"),
         ],
@@ -138,6 +140,12 @@ def main() -> int:
         print(cli("collector", "alerts", "list", "--data", str(data)).rstrip())
         print()
         print(cli("collector", "alerts", "show", str(alert["alert_id"]), "--data", str(data)))
+        console = json.loads((data / "listen.json").read_text()).get("console")
+        if console:
+            print(
+                f"\n  the web console served this alert at {console}alerts/{alert['alert_id']}"
+                " while the demo ran (README: The console)"
+            )
     finally:
         say("stopping agent and collector")
         for proc in (agent, collector):

@@ -128,6 +128,8 @@ class Collector:
         self.proc: Proc | None = None
         self.agents = ""
         self.enroll = ""
+        self.console = ""
+        """The console's URL (https://127.0.0.1:PORT/) once started."""
 
     def init(self) -> None:
         run_cli("collector", "init", "--data", str(self.data))
@@ -148,12 +150,15 @@ class Collector:
                 enroll,
                 "--policy",
                 str(self.policy),
+                "--console-listen",
+                "127.0.0.1:0",  # the console's default port is fixed; tests run side by side
             ],
             self.log,
         )
         self.proc.wait_line("listening")
         addresses = json.loads((self.data / "listen.json").read_text())
         self.agents, self.enroll = addresses["agents"], addresses["enroll"]
+        self.console = addresses.get("console", "")
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         assert self.proc is not None

@@ -15,6 +15,7 @@ below `rearm_below` x the lowest tier.
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,14 +23,15 @@ from enum import StrEnum
 from typing import Protocol
 
 from collector.detection import baseline
-from collector.detection.baseline import BaselineRule, DayCount
+from collector.detection.baseline import BaselineRule, DayCount, Expectation
 from collector.detection.cumulative import CumulativeRule, Measure, Slider, Tier, WindowEvent
-from collector.detection.risk import RiskConfig, RiskFacts, RiskTracker
+from collector.detection.risk import Contribution, RiskConfig, RiskFacts, RiskTracker
 
 logger = logging.getLogger(__name__)
 
 DAY_NS = 86_400 * 1_000_000_000
 HOUR_NS = 3_600 * 1_000_000_000
+_MAX_EXPECTED = 100_000
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,36 @@ class History(Protocol):
         """The user copied to this device (or folder) in (after, before)."""
         ...
 
-    def gap_near(self, host: str, after_ns: int, until_ns: int) -> bool:
-        """The host reported a coverage gap in (after, until]."""
+    def gaps(self, host: str, after_ns: int, until_ns: int) -> list[int]:
+        """Times of the host's coverage gaps in (after, until], ascending."""
+        ...
+
+    def first_day(self) -> int | None:
+        """The day of the oldest stored event (None: nothing stored yet)."""
+        ...
+
+
+@dataclass(frozen=True)
+class OpenAlert:
+    severity: str
+    threshold: float
+    start_day: int
+
+
+class Episodes(Protocol):
+    """Where alerts live (the store): asked afresh for every batch, so an analyst's close
+    is seen by the next batch. Without one, the engine keeps episodes in memory."""
+
+    def open_alert(self, rule: str, user: str) -> OpenAlert | None:
+        """The rule's open (new or in progress) alert for the user."""
+        ...
+
+    def alerted_days(self, rule: str, user: str) -> list[tuple[int, int]]:
+        """Days covered by the rule's open or confirmed alerts for the user (baselines)."""
+        ...
+
+    def contributions(self, rule: str, user: str, since_ns: int) -> list[Contribution]:
+        """Stored risk contributions since `since_ns`, in time order, false positives left out."""
         ...
 
 
@@ -141,6 +171,8 @@ class FindingKind(StrEnum):
     OPENED = "opened"
     ESCALATED = "escalated"
     EVIDENCE = "evidence"
+    CONTRIBUTION = "contribution"
+    """Risk points of an event while no alert is open: stored, so scores can be rebuilt."""
 
 
 @dataclass(frozen=True)
@@ -172,41 +204,65 @@ class _Episode:
 class LongRuleEngine:
     """Evaluates the long-horizon rules event by event; see the module docstring."""
 
-    def __init__(self, rules: Sequence[LongRule], history: History) -> None:
+    def __init__(
+        self, rules: Sequence[LongRule], history: History, episodes: Episodes | None = None
+    ) -> None:
         self._rules = tuple(rules)
         self._history = history
-        self._open: dict[tuple[str, str], _Episode] = {}
+        self._episodes = episodes
+        self._open: dict[tuple[str, str], _Episode | None] = {}
+        """Open episodes; with `episodes`, a cache of the store's answers for one batch."""
         self._closed_days: dict[tuple[str, str], list[tuple[int, int]]] = {}
         self._risk: dict[tuple[str, str], RiskTracker] = {}
+        self._expected: dict[tuple[str, str], tuple[int, Expectation]] = {}
+        """(rule, user) -> (last history day, expectation): baselines change once a day."""
+        self._gaps: dict[str, tuple[int, int, list[int]]] = {}
+        """host -> (after, until, gap times) for the current batch."""
+        self._span: tuple[int, int] | None = None
+        self._first: int | None = None
+        self._devices: dict[tuple[str, str], int] = {}
+        """(user, device) -> the latest copy to it the engine saw."""
         self._priors: dict[tuple[str, int, str | None], tuple[list[float], list[float]]] = {}
 
     # state the store restores
-
-    def restore_open(
-        self, rule: str, user: str, severity: str, threshold: float, start_day: int
-    ) -> None:
-        self._open[(rule, user)] = _Episode(severity, threshold, start_day)
 
     def restore_alerted(self, rule: str, user: str, first_day: int, last_day: int) -> None:
         """A closed, confirmed alert: its days stay out of the user's baseline history."""
         self._closed_days.setdefault((rule, user), []).append((first_day, last_day))
 
-    def tracker(self, rule: str, user: str) -> RiskTracker:
+    def tracker(self, rule: str, user: str, now_ns: int = 0) -> RiskTracker:
+        """The user's risk score under `rule`, loaded from the Episodes on first use."""
         key = (rule, user)
         tracker = self._risk.get(key)
         if tracker is None:
             config = next(r.risk for r in self._rules if r.name == rule and r.risk is not None)
             tracker = self._risk[key] = RiskTracker(config)
+            if self._episodes is not None:
+                episode = self._episode(rule, user)
+                stored = self._episodes.contributions(rule, user, now_ns - config.max_age_ns)
+                tracker.restore(stored, episode.severity if episode else None)
         return tracker
 
+    def _episode(self, rule: str, user: str) -> _Episode | None:
+        key = (rule, user)
+        if key in self._open:
+            return self._open[key]
+        episode = None
+        if self._episodes is not None:
+            found = self._episodes.open_alert(rule, user)
+            if found is not None:
+                episode = _Episode(found.severity, found.threshold, found.start_day)
+        self._open[key] = episode
+        return episode
+
     def close(self, rule: str, user: str, *, confirmed: bool, last_day: int) -> None:
-        """An analyst closed the alert: the next crossing opens a new one."""
+        """An analyst closed the alert (engines without Episodes): a new one may open."""
         episode = self._open.pop((rule, user), None)
         if episode is not None and confirmed:
             self.restore_alerted(rule, user, episode.start_day, last_day)
 
     def open_episodes(self) -> dict[tuple[str, str], str]:
-        return {key: ep.severity for key, ep in self._open.items()}
+        return {key: ep.severity for key, ep in self._open.items() if ep is not None}
 
     # evaluation
 
@@ -220,7 +276,16 @@ class LongRuleEngine:
         forward event by event. Findings come back ordered by event time, event id
         and the rule's place in the policy.
         """
+        if self._episodes is not None:
+            # Ask the store afresh: an analyst may have closed an alert since the last batch.
+            closed = [key for key, ep in self._open.items() if ep is not None]
+            self._open.clear()
+            for key in closed:
+                if self._episode(*key) is None:
+                    self._risk.pop(key, None)  # reload: false positives' points leave
         ordered = sorted(events, key=lambda e: (e.ts_ns, e.event_id))
+        self._gaps = {}
+        self._span = (ordered[0].ts_ns, ordered[-1].ts_ns) if ordered else None
         by_user: dict[str, list[LongEvent]] = {}
         for event in ordered:
             if event.user:
@@ -269,7 +334,7 @@ class LongRuleEngine:
                     yield event, finding
 
     def _attach(self, rule: LongRule, event: LongEvent) -> Finding | None:
-        episode = self._open.get((rule.name, event.user))
+        episode = self._episode(rule.name, event.user)
         if episode is None or event.event_id in episode.evidence:
             return None
         episode.evidence.add(event.event_id)
@@ -298,7 +363,7 @@ class LongRuleEngine:
         contributions: tuple[tuple[str, str, float], ...] = (),
     ) -> Finding:
         key = (rule.name, event.user)
-        episode = self._open.get(key)
+        episode = self._episode(rule.name, event.user)
         kind = FindingKind.ESCALATED if episode is not None else FindingKind.OPENED
         if episode is None:
             episode = self._open[key] = _Episode(severity, threshold, event.day)
@@ -323,7 +388,7 @@ class LongRuleEngine:
         self, rule: LongRule, core: CumulativeRule, event: LongEvent, slider: Slider
     ) -> Finding | None:
         value = slider.advance(event.ts_ns)
-        episode = self._open.get((rule.name, event.user))
+        episode = self._episode(rule.name, event.user)
         current = -1.0 if episode is None else episode.threshold
         higher = [t.threshold for t in core.tiers if t.threshold > current]
         if not higher or value < higher[0]:
@@ -346,26 +411,15 @@ class LongRuleEngine:
     def _baseline(
         self, rule: LongRule, core: BaselineRule, event: LongEvent, slider: Slider
     ) -> Finding | None:
-        if (rule.name, event.user) in self._open:
+        if self._episode(rule.name, event.user) is not None:
             return self._attach(rule, event)
         value = slider.advance(event.ts_ns)
         if value < core.floor:
             return None  # below the floor nothing can fire: skip the history queries
-        last_day = event.day - core.bucket_days
-        first_day = last_day - core.history_days + 1
-        days = self._history.days(event.user, rule.selector, first_day, last_day)
-        alerted = self._closed_days.get((rule.name, event.user), [])
-        days = [
-            DayCount(
-                d.day, d.count, d.active, d.alerted or any(a <= d.day <= b for a, b in alerted)
-            )
-            for d in days
-        ]
-        department = self._history.department(event.user)
-        dept_rates, org_rates = self._prior_rates(rule, event.user, department, first_day, last_day)
-        expect = baseline.expectation(
-            core, days, department=department, department_rates=dept_rates, org_rates=org_rates
-        )
+        first = self._first_day()
+        if first is None or event.day - core.bucket_days - first + 1 < core.min_history_active_days:
+            return None  # the organisation itself has no history yet: learning, no priors
+        expect = self._expectation(rule, core, event)
         verdict = baseline.evaluate(core, value, expect)
         if not verdict.fire:
             return None
@@ -378,6 +432,43 @@ class LongRuleEngine:
             f"{event.user}: {verdict.explanation()}",
             slider.verdict().evidence,
         )
+
+    def _expectation(self, rule: LongRule, core: BaselineRule, event: LongEvent) -> Expectation:
+        """The user's expected count per bucket; computed once per user and day.
+
+        The history ends the day before the current bucket, so it only changes when the
+        day does (or when an alert of the rule opens, which stops evaluation anyway)."""
+        last_day = event.day - core.bucket_days
+        key = (rule.name, event.user)
+        cached = self._expected.get(key)
+        if cached is not None and cached[0] == last_day:
+            return cached[1]
+        first_day = last_day - core.history_days + 1
+        days = self._history.days(event.user, rule.selector, first_day, last_day)
+        alerted = list(self._closed_days.get(key, []))
+        if self._episodes is not None:
+            alerted += self._episodes.alerted_days(rule.name, event.user)
+        days = [
+            DayCount(
+                d.day, d.count, d.active, d.alerted or any(a <= d.day <= b for a, b in alerted)
+            )
+            for d in days
+        ]
+        department = self._history.department(event.user)
+        dept_rates: list[float] = []
+        org_rates: list[float] = []
+        active = sum(1 for d in days if d.active and not d.alerted)
+        if active < core.min_history_active_days:  # a cold start: only then ask for priors
+            dept_rates, org_rates = self._prior_rates(
+                rule, event.user, department, first_day, last_day
+            )
+        expect = baseline.expectation(
+            core, days, department=department, department_rates=dept_rates, org_rates=org_rates
+        )
+        if len(self._expected) > _MAX_EXPECTED:
+            self._expected.clear()
+        self._expected[key] = (last_day, expect)
+        return expect
 
     def _prior_rates(
         self, rule: LongRule, user: str, department: str | None, first_day: int, last_day: int
@@ -392,25 +483,64 @@ class LongRuleEngine:
                 for u, r in rates.items()
                 if department and self._history.department(u) == department
             ]
+            if len(self._priors) > 64:
+                self._priors.clear()  # one entry per rule, day and department is live
             cached = self._priors[key] = (dept, list(rates.values()))
         dept, org = cached
         return dept, org
 
+    def _first_day(self) -> int | None:
+        if self._first is None:
+            self._first = self._history.first_day()
+        return self._first
+
+    def _gap_near(self, rule: LongRule, event: LongEvent) -> bool:
+        """The host reported a coverage gap within `gap_within_ns` before the event.
+
+        The gaps of the batch's span are asked for once per host and batch."""
+        span = self._span
+        cached = self._gaps.get(event.host)
+        if cached is None:
+            after = (span[0] if span else event.ts_ns) - rule.gap_within_ns
+            until = span[1] if span else event.ts_ns
+            cached = self._gaps[event.host] = (
+                after,
+                until,
+                self._history.gaps(event.host, after, until),
+            )
+        after, until, times = cached
+        low = event.ts_ns - rule.gap_within_ns
+        if not after <= low or event.ts_ns > until:
+            times = self._history.gaps(event.host, low, event.ts_ns)
+        i = bisect.bisect_right(times, low)
+        return i < len(times) and times[i] <= event.ts_ns
+
+    def _seen_device(self, rule: LongRule, event: LongEvent) -> bool:
+        """The user copied to this device within the lookback before this event.
+
+        Remembered per (user, device) once seen, so the store is asked at most once per
+        device until the lookback has passed since its last use."""
+        key = (event.user, event.device)
+        last = self._devices.get(key)
+        after = event.ts_ns - rule.indicator_lookback_ns
+        seen = last is not None and after < last < event.ts_ns
+        if not seen:
+            seen = self._history.seen_device(event.user, event.device, after, event.ts_ns)
+        if last is None or event.ts_ns > last:
+            self._devices[key] = event.ts_ns
+        return seen
+
     def _risk_rule(self, rule: LongRule, config: RiskConfig, event: LongEvent) -> Finding | None:
-        tracker = self.tracker(rule.name, event.user)
+        tracker = self.tracker(rule.name, event.user, event.ts_ns)
         indicators: set[str] = set()
         hour = (event.ts_ns // HOUR_NS) % 24
         weekday = (event.day + 3) % 7  # 1970-01-01 was a Thursday; Monday = 0
         start, end = rule.off_hours
         if weekday >= 5 or not start <= hour < end:
             indicators.add("off_hours")
-        if event.device and not self._history.seen_device(
-            event.user, event.device, event.ts_ns - rule.indicator_lookback_ns, event.ts_ns
-        ):
+        if event.device and not self._seen_device(rule, event):
             indicators.add("first_seen_device")
-        if event.host and self._history.gap_near(
-            event.host, event.ts_ns - rule.gap_within_ns, event.ts_ns
-        ):
+        if event.host and self._gap_near(rule, event):
             indicators.add("coverage_gap_near")
         facts = RiskFacts(
             event.event_id,
@@ -428,7 +558,7 @@ class LongRuleEngine:
             if contribution
             else ()
         )
-        episode = self._open.get((rule.name, event.user))
+        episode = self._episode(rule.name, event.user)
         names = [severity for severity, _ in config.tiers]
         if (
             crossing is not None
@@ -437,8 +567,15 @@ class LongRuleEngine:
         ):
             crossing = None  # re-armed and crossed again while the alert is still open
         if crossing is None:
-            finding = self._attach(rule, event) if contribution is not None else None
-            return finding if finding is None else _with_contributions(finding, terms)
+            if contribution is None:
+                return None
+            finding = self._attach(rule, event)
+            if finding is None:
+                return Finding(
+                    FindingKind.CONTRIBUTION, rule.name, rule.kind, event.user, "",
+                    event.ts_ns, round(tracker.score(event.ts_ns), 2), 0, "", (), terms,
+                )  # fmt: skip
+            return _with_contributions(finding, terms)
         tiers = dict(config.tiers)
         listed = tracker.explain(event.ts_ns)
         explanation = (

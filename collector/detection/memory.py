@@ -82,7 +82,10 @@ class MemoryHistory:
         lo = bisect.bisect_right(rows, (after_ns, "\U0010ffff"))
         return any(e.device == device for ts, _, e in rows[lo:] if ts < before_ns)
 
-    def gap_near(self, host: str, after_ns: int, until_ns: int) -> bool:
+    def gaps(self, host: str, after_ns: int, until_ns: int) -> list[int]:
         gaps = self._gaps.get(host, [])
-        i = bisect.bisect_right(gaps, after_ns)
-        return i < len(gaps) and gaps[i] <= until_ns
+        return gaps[bisect.bisect_right(gaps, after_ns) : bisect.bisect_right(gaps, until_ns)]
+
+    def first_day(self) -> int | None:
+        days = [d for active in self._active.values() for d in active]
+        return min(days) if days else None

@@ -18,8 +18,9 @@ only a fall below `rearm_below` x the lowest tier starts a new episode.
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -129,13 +130,21 @@ class RiskTracker:
     """One user's score. Sans-I/O: rebuilt from stored contributions on restart.
 
     Memory: the contributions of the last `max_age_ns` (points and terms), the
-    dedup keys of the last `dedup_ns`, and today's indicator counts.
+    dedup keys of the last `dedup_ns`, and today's indicator counts. The score is kept
+    as a running sum weighted against an anchor time, so feeding an event costs
+    O(log n) rather than a pass over every contribution.
     """
 
     def __init__(self, config: RiskConfig) -> None:
         self._config = config
-        self._contributions: deque[Contribution] = deque()
-        self._seen: dict[tuple[str, str], int] = {}
+        self._items: list[Contribution] = []
+        """Contributions in time order; those before `_start` have expired."""
+        self._start = 0
+        self._anchor = 0
+        self._weighted = 0.0
+        """Sum of points x 2^((ts - anchor) / half_life) over the live contributions."""
+        self._seen: OrderedDict[tuple[str, str], int] = OrderedDict()
+        """(sha256, class) -> when it last counted; oldest first (re-counting moves it)."""
         self._day = -1
         self._today: dict[str, int] = {}
         self._tier = -1
@@ -143,12 +152,12 @@ class RiskTracker:
 
     @property
     def contributions(self) -> tuple[Contribution, ...]:
-        return tuple(self._contributions)
+        return tuple(self._items[self._start :])
 
     def restore(self, contributions: Iterable[Contribution], tier: str | None) -> None:
-        """Put back stored contributions (in time order) and the open episode's tier."""
+        """Put back stored contributions and the open episode's tier."""
         for contribution in contributions:
-            self._contributions.append(contribution)
+            self._add(contribution)
         names = [severity for severity, _ in self._config.tiers]
         self._tier = names.index(tier) if tier in names else -1
 
@@ -162,32 +171,82 @@ class RiskTracker:
             return None, self._update(facts.ts_ns, None)
         if facts.sha256:
             self._seen[key] = facts.ts_ns
+            self._seen.move_to_end(key)
         if facts.day != self._day:
             self._day, self._today = facts.day, {}
         contribution = score_event(config, facts, self._today)
         for term in contribution.terms[1:]:
             self._today[term.name] = self._today.get(term.name, 0) + 1
         if contribution.points > 0:
-            self._contributions.append(contribution)
+            self._add(contribution)
         return contribution, self._update(facts.ts_ns, contribution)
 
     def remove(self, event_ids: Iterable[str]) -> None:
         """Drop contributions (e.g. of an alert closed as a false positive)."""
         drop = set(event_ids)
-        self._contributions = deque(c for c in self._contributions if c.event_id not in drop)
+        kept = [c for c in self._items[self._start :] if c.event_id not in drop]
+        self._items, self._start = [], 0
+        self._weighted = 0.0
+        for contribution in kept:
+            self._add(contribution)
 
     def score(self, now_ns: int) -> float:
-        return sum(self.explain(now_ns).values())
+        """The sum of the live contributions' decayed points at `now_ns`."""
+        self._expire(now_ns)
+        if self._start == len(self._items):
+            return 0.0
+        half_life = self._config.half_life_ns
+        if half_life is None:
+            return self._weighted
+        return self._weighted * math.pow(0.5, (now_ns - self._anchor) / half_life)
 
     def explain(self, now_ns: int) -> dict[str, float]:
         """Current points per contributing event id (within max_age), largest first."""
         config = self._config
         points = {
             c.event_id: c.current(now_ns, config.half_life_ns)
-            for c in self._contributions
+            for c in self._items[self._start :]
             if 0 <= now_ns - c.ts_ns <= config.max_age_ns
         }
         return dict(sorted(points.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    def _weight(self, ts_ns: int) -> float:
+        half_life = self._config.half_life_ns
+        return 1.0 if half_life is None else math.pow(2.0, (ts_ns - self._anchor) / half_life)
+
+    def _add(self, contribution: Contribution) -> None:
+        if self._start == len(self._items):
+            self._items, self._start = [], 0
+            self._anchor, self._weighted = contribution.ts_ns, 0.0
+        bisect.insort(self._items, contribution, lo=self._start, key=lambda c: c.ts_ns)
+        self._weighted += contribution.points * self._weight(contribution.ts_ns)
+
+    def _expire(self, now_ns: int) -> None:
+        config = self._config
+        items = self._items
+        while self._start < len(items) and now_ns - items[self._start].ts_ns > config.max_age_ns:
+            old = items[self._start]
+            self._weighted -= old.points * self._weight(old.ts_ns)
+            self._start += 1
+        if self._start == len(items):
+            self._weighted = 0.0
+        elif self._start > 64 and self._start > len(items) // 2:
+            self._items, self._start = items[self._start :], 0  # drop the expired
+        if (
+            config.half_life_ns is not None
+            and self._start < len(self._items)
+            and now_ns - self._anchor > 16 * config.half_life_ns
+        ):
+            # Rebase, so the weights stay near 1 whatever the age of the tracker.
+            live = self._items[self._start :]
+            self._anchor = live[0].ts_ns
+            self._weighted = math.fsum(c.points * self._weight(c.ts_ns) for c in live)
+        seen = self._seen
+        while seen:  # oldest first; a late (earlier) event may leave one stale a while longer
+            key, ts = next(iter(seen.items()))
+            if now_ns - ts < config.dedup_ns:
+                break
+            del seen[key]
 
     def _update(self, now_ns: int, contribution: Contribution | None) -> Crossing | None:
         config = self._config
@@ -204,12 +263,3 @@ class RiskTracker:
         new_episode = self._tier < 0
         self._tier = reached
         return Crossing(config.tiers[reached][0], score, new_episode, contribution)
-
-    def _expire(self, now_ns: int) -> None:
-        while self._contributions and now_ns - self._contributions[0].ts_ns > (
-            self._config.max_age_ns
-        ):
-            self._contributions.popleft()
-        stale = [k for k, ts in self._seen.items() if now_ns - ts >= self._config.dedup_ns]
-        for k in stale:
-            del self._seen[k]

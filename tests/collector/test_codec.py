@@ -264,3 +264,8 @@ def test_sha256_must_be_lowercase_hex(sha):
 def test_counters_beyond_int64_are_malformed():
     with pytest.raises(MalformedBatchError, match="2\\*\\*63-1"):
         decode_one(make_event(destination=events_pb2.FileRef(path=b"/x", size=2**63)))
+
+
+@pytest.mark.parametrize(("count", "stored"), [(0, 1), (1, 1), (37, 37)])
+def test_folded_reads_keep_their_count(count, stored):
+    assert decode_one(make_event(action=events_pb2.ACTION_READ, count=count)).access_count == stored

@@ -340,3 +340,21 @@ def test_the_slider_agrees_with_a_fresh_evaluation(measure):
     assert slider.verdict() == cumulative.evaluate(rule, rows, at)
     with pytest.raises(ValueError, match="back"):
         slider.advance(0)
+
+
+@pytest.mark.parametrize("half_life", [None, 14 * DAY])
+def test_the_running_score_equals_the_listed_points_over_months(half_life):
+    import random
+
+    rng = random.Random(5)
+    config = RiskConfig(base_by_label={"secret": 10}, destination_factor={"removable": 1},
+                        tiers=(("medium", 10_000),), half_life_ns=half_life,
+                        max_age_ns=30 * DAY)  # fmt: skip
+    tracker = RiskTracker(config)
+    ts = 0
+    for i in range(3000):
+        ts += rng.randrange(0, 2 * 3600) * S
+        tracker.feed(fact(i, ts))
+        if i % 97 == 0:
+            assert tracker.score(ts) == pytest.approx(sum(tracker.explain(ts).values()), rel=1e-9)
+    assert tracker.contributions[0].ts_ns > ts - 30 * DAY - 1

@@ -85,3 +85,18 @@ def test_bad_long_rules_name_the_key(old, new, message):
     assert old in BASE
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse(BASE.replace(old, new, 1))
+
+
+def test_the_shipped_slow_leak_policy_parses_and_keeps_the_burst_rules():
+    from collector.policy import load_policy
+    from tests.conftest import ROOT
+
+    burst = load_policy(ROOT / "configs" / "policy.yaml")
+    slow = load_policy(ROOT / "configs" / "policy-slow-leak.yaml")
+    assert slow.rules == burst.rules
+    assert [r.kind.value for r in slow.long_rules] == [
+        "cumulative",
+        "cumulative",
+        "baseline",
+        "risk",
+    ]

@@ -20,6 +20,7 @@ from collector.models import (
     ThresholdDecision,
 )
 from collector.policy import Policy, parse_policy
+from collector.reasons import ReasonParts
 from collector.thresholds import ThresholdEngine, group_key
 
 S = 1_000_000_000
@@ -156,10 +157,21 @@ def test_one_alert_per_group_while_hot_then_evidence_extends_hot_until() -> None
     later = [make_event(t * S) for t in (3, 4, 9)]
     decisions = feed_all(engine, later)
 
+    # Each decision says how its event reads in the alert's reason (collector.reasons).
+    words = ReasonParts(
+        "r: 3 files in 10s",
+        "alice",
+        "lt-0412",
+        None,
+        2,
+        "confidential",
+        ("copied",),
+        ("removable",),
+    )
     assert decisions == [
-        EvidenceAdded("r", group_key_of(later[0]), later[0].event_id, 11 * S),
-        EvidenceAdded("r", group_key_of(later[0]), later[1].event_id, 12 * S),
-        EvidenceAdded("r", group_key_of(later[0]), later[2].event_id, 13 * S),
+        EvidenceAdded("r", group_key_of(later[0]), later[0].event_id, 11 * S, words),
+        EvidenceAdded("r", group_key_of(later[0]), later[1].event_id, 12 * S, words),
+        EvidenceAdded("r", group_key_of(later[0]), later[2].event_id, 13 * S, words),
     ]
 
 
@@ -272,7 +284,7 @@ def test_late_event_makes_an_earlier_window_cross_and_attaches_later_events() ->
     assert opened.evidence == (early[0].event_id, late.event_id, early[1].event_id)
     assert (opened.first_ns, opened.last_ns, opened.bytes) == (8 * S, 12 * S, 105)
     assert opened.hot_until_ns == 18 * S  # the 100 bytes ending at 12s and 15s start at 8s
-    assert attached == EvidenceAdded("r", opened.group, early[2].event_id, 18 * S)
+    assert attached == EvidenceAdded("r", opened.group, early[2].event_id, 18 * S, opened.parts)
 
 
 def test_very_late_event_is_counted_against_what_is_retained_only() -> None:
@@ -313,8 +325,8 @@ def test_reason_reads_like_a_sentence() -> None:
 
     assert isinstance(opened, AlertOpened)
     assert opened.reason == (
-        "alice on lt-0412 copied 20 secret files, 40.0 MiB, to removable in 3 min; "
-        "rule bulk-copy-to-usb: 20 files / 100 MiB in 10m"
+        "alice on lt-0412 copied 20 secret files, 40.0 MiB (41943040 bytes), to removable "
+        "in 3 min; rule bulk-copy-to-usb: 20 files / 100 MiB in 10m"
     )
 
 
@@ -328,8 +340,8 @@ def test_reason_without_user_keeps_group_values_and_one_line() -> None:
     (opened,) = decisions
     assert isinstance(opened, AlertOpened)
     assert opened.reason == (
-        "on lt\\n9: 2 confidential files, 2.0 KiB, copied or moved to removable:KINGSTON-1 "
-        "in 1 s; rule r: 2 files in 10s"
+        "on lt\\n9: 2 confidential files, 2.0 KiB (2000 bytes), copied or moved to "
+        "removable:KINGSTON-1 in 1 s; rule r: 2 files in 10s"
     )
 
 
@@ -382,11 +394,18 @@ def test_restore_seeds_open_alerts_older_than_the_replayed_events() -> None:
     replayed = [make_event(t * S) for t in (7, 8)]
     key = group_key(policy.rules[0], replayed[0])
 
-    engine.restore([("r", key, 14 * S), ("gone", key, 99 * S)], replayed)
+    engine.restore([("r", key, 14 * S), ("gone", key, 99 * S)], _at_own_time(replayed))
 
     assert engine.feed(replayed[1], 9 * S) == []  # already known: no new decision
     new = make_event(9 * S)
-    assert engine.feed(new, 9 * S) == [EvidenceAdded("r", key, new.event_id, 17 * S)]
+    (added,) = engine.feed(new, 9 * S)
+    assert isinstance(added, EvidenceAdded)
+    assert (added.rule, added.group, added.event_id, added.hot_until_ns) == (
+        "r",
+        key,
+        new.event_id,
+        17 * S,
+    )
 
 
 def test_restore_reproduces_the_decisions_of_an_engine_that_never_stopped() -> None:
@@ -483,10 +502,14 @@ def _check_restore(policy: Policy, events: list[StoredEvent], cut: int) -> None:
     restarted = ThresholdEngine(policy)
     restarted.restore(
         [(name, group, until) for (name, group), until in hot.items()],
-        [e for e in events[:cut] if e.observed_at_ns > now - policy.max_window_ns],
+        _at_own_time(e for e in events[:cut] if e.observed_at_ns > now - policy.max_window_ns),
     )
 
     assert feed_all(restarted, events[cut:]) == feed_all(steady, events[cut:])
+
+
+def _at_own_time(events: Iterable[StoredEvent]) -> list[tuple[int, StoredEvent]]:
+    return [(e.observed_at_ns, e) for e in events]
 
 
 def _reference(
@@ -525,3 +548,32 @@ def _reference(
 
 def group_key_of(event: StoredEvent) -> tuple[tuple[str, str], ...]:
     return (("user", event.user), ("host", event.host))
+
+
+def test_an_event_dated_after_now_counts_at_now() -> None:
+    """The collector's clock bounds event time: a burst stamped an hour ahead is counted
+    when it arrived, so it neither holds the window open for an hour nor escapes it."""
+    engine = ThresholdEngine(make_policy(rule(files=3, window="10s")))
+    hour = 3600 * S
+    assert feed_all(engine, [make_event(t * S) for t in (0, 1)]) == []
+
+    (opened,) = engine.feed(make_event(hour), 2 * S)  # arrives at 2s, claims 1h
+
+    assert isinstance(opened, AlertOpened)
+    assert (opened.files, opened.first_ns, opened.last_ns) == (3, 0, 2 * S)
+    assert opened.hot_until_ns == 10 * S
+    assert kinds(engine.feed(make_event(hour + S), 11 * S)) == []  # cooled at 10s
+
+
+def test_reason_grows_words_as_other_kinds_of_evidence_arrive() -> None:
+    engine = ThresholdEngine(make_policy(rule(files=2, window="10s")))
+    (opened,) = feed_all(engine, [make_event(0), make_event(S)])
+    (added,) = engine.feed(make_event(2 * S, action="move", label="secret"), 2 * S)
+
+    assert isinstance(opened, AlertOpened) and isinstance(added, EvidenceAdded)
+    assert opened.parts is not None and added.parts is not None
+    merged = opened.parts.merge(added.parts)
+    assert merged.render(3, 3000, 0, 2 * S) == (
+        "alice on lt-0412 copied or moved 3 secret files, 2.9 KiB (3000 bytes), to removable "
+        "in 2 s; rule r: 2 files in 10s"
+    )

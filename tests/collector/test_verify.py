@@ -16,8 +16,16 @@ from collector.errors import (
     SignatureError,
     UnknownAgentError,
 )
-from collector.verify import GENESIS, ChainHead, classify_seq, verify_batch
-from tests.collector.batches import BatchChain, Signed, envelope, make_body, make_event, new_agent
+from collector.verify import GENESIS, ChainHead, classify_seq, future_skew_ns, verify_batch
+from tests.collector.batches import (
+    T0,
+    BatchChain,
+    Signed,
+    envelope,
+    make_body,
+    make_event,
+    new_agent,
+)
 
 
 @pytest.fixture
@@ -244,3 +252,16 @@ def test_unusable_enrolled_key_fails_closed(agent, chain):
     broken = replace(agent.key(), public_key_raw=b"short")
     with pytest.raises(SignatureError, match="unusable"):
         verify_batch(signed=chain.next().raw, tls_agent_id=agent.agent_id, agent=broken, last=None)
+
+
+def test_future_skew_is_the_latest_timestamp_past_now(agent, chain):
+    events = chain.events(2)
+    events[0].observed_at_ns, events[1].observed_at_ns = T0 - 5, T0 + 50
+    body = make_body(agent.agent_id, 1, GENESIS, events, sealed_at_ns=T0 + 20)
+    signed = chain.seal(body, events)
+    batch = verify_batch(
+        signed=signed.raw, tls_agent_id=agent.agent_id, agent=agent.key(), last=None
+    )
+    assert future_skew_ns(batch, T0) == 50
+    assert future_skew_ns(batch, T0 + 100) == -50
+    assert future_skew_ns(replace(batch, events=()), T0) == 20  # the seal alone
