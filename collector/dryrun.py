@@ -145,11 +145,13 @@ def _long_rules(
     ]
     alerts: list[WouldAlert] = []
     ranks = {label: rank for rank, label in enumerate(policy.labels)}
+    actions = sorted({a for r in policy.long_rules for a in r.selector.actions})
+    sql = _USER_EVENTS.format(marks=",".join("?" * len(actions)))
     for user in sorted(users):
         events = [
             LongEvent(r[0], user, r[1], r[2], ranks.get(r[2], -1), r[3], r[4], r[5], r[6],
                       r[7], r[8] or "", r[9])
-            for r in con.execute(_USER_EVENTS, (user, since_ns, *_LONG_ACTIONS))
+            for r in con.execute(sql, (user, since_ns, *actions))
         ]  # fmt: skip
         current: dict[str, int] = {}
         """rule -> index in `alerts` of the user's open alert."""
@@ -172,11 +174,9 @@ def _long_rules(
     return alerts
 
 
-_LONG_ACTIONS = ("copy", "move", "read", "write", "delete", "rename")
-"""Actions a long rule can select (not coverage gaps or agent lifecycle)."""
 _USER_EVENTS = (
     "SELECT event_id, observed_at_ns, label, destination_class, action,"  # noqa: S608
     f" {DOC_SHA_SQL}, {DOC_SIZE_SQL}, dest_path, {DEVICE_SQL}, host FROM events"
-    " WHERE user = ? AND observed_at_ns >= ? AND action IN (?, ?, ?, ?, ?, ?)"
+    " WHERE user = ? AND observed_at_ns >= ? AND action IN ({marks})"
     " ORDER BY observed_at_ns, event_id"
 )

@@ -27,7 +27,7 @@ from collector.errors import (
     StoreError,
     UnknownAgentError,
 )
-from collector.longalerts import StoreEpisodes, apply_findings, long_event
+from collector.longalerts import StoreEpisodes, apply_findings, long_events
 from collector.models import AlertId, Severity, StoredEvent, ThresholdDecision, VerifiedBatch
 from collector.policy import Policy
 from collector.render import human_duration
@@ -167,7 +167,7 @@ class Ingestor:
         def after(con: sqlite3.Connection, events: tuple[StoredEvent, ...]) -> list[AlertId]:
             self._episodes.use(con)
             policy = self._policy
-            findings = engine.feed_batch([long_event(e, policy, now_ns) for e in events])
+            findings = engine.feed_batch(long_events(events, policy, engine, now_ns))
             return apply_findings(con, findings, agent_id, now_ns)
 
         return after

@@ -18,7 +18,14 @@ import sqlite3
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
-from collector.detection.engine import DAY_NS, Finding, FindingKind, LongEvent, OpenAlert
+from collector.detection.engine import (
+    DAY_NS,
+    Finding,
+    FindingKind,
+    LongEvent,
+    LongRuleEngine,
+    OpenAlert,
+)
 from collector.detection.risk import Contribution, Term
 from collector.models import AlertId, DeviceView, StoredEvent
 from collector.policy import Policy
@@ -104,6 +111,20 @@ def long_event(event: StoredEvent, policy: Policy, now_ns: int | None = None) ->
         device=device_key(event.device),
         host=event.host,
     )
+
+
+def long_events(
+    events: Iterable[StoredEvent], policy: Policy, engine: LongRuleEngine, now_ns: int
+) -> list[LongEvent]:
+    """The events some long rule can see, as the engine wants them (reads mostly not)."""
+    out: list[LongEvent] = []
+    for event in events:
+        if not event.user:
+            continue
+        rank = policy.label_rank(event.label)
+        if rank is not None and engine.selects(event.action, rank, event.destination_class):
+            out.append(long_event(event, policy, now_ns))
+    return out
 
 
 def user_group(user: str) -> str:

@@ -214,6 +214,9 @@ class LongRuleEngine:
         """Open episodes; with `episodes`, a cache of the store's answers for one batch."""
         self._closed_days: dict[tuple[str, str], list[tuple[int, int]]] = {}
         self._risk: dict[tuple[str, str], RiskTracker] = {}
+        self._loaded_open: dict[tuple[str, str], bool] = {}
+        self._selects: dict[tuple[str, int, str], bool] = {}
+        """Whether the (rule, user) alert was open when its tracker was loaded or raised."""
         self._expected: dict[tuple[str, str], tuple[int, Expectation]] = {}
         """(rule, user) -> (last history day, expectation): baselines change once a day."""
         self._gaps: dict[str, tuple[int, int, list[int]]] = {}
@@ -231,9 +234,19 @@ class LongRuleEngine:
         self._closed_days.setdefault((rule, user), []).append((first_day, last_day))
 
     def tracker(self, rule: str, user: str, now_ns: int = 0) -> RiskTracker:
-        """The user's risk score under `rule`, loaded from the Episodes on first use."""
+        """The user's risk score under `rule`, loaded from the Episodes on first use.
+
+        Reloaded when the alert that was open at loading time has since been closed, so
+        the points of an alert dismissed as a false positive leave the score."""
         key = (rule, user)
         tracker = self._risk.get(key)
+        if (
+            tracker is not None
+            and self._episodes is not None
+            and self._loaded_open.get(key)
+            and self._episode(rule, user) is None
+        ):
+            tracker = None
         if tracker is None:
             config = next(r.risk for r in self._rules if r.name == rule and r.risk is not None)
             tracker = self._risk[key] = RiskTracker(config)
@@ -241,6 +254,7 @@ class LongRuleEngine:
                 episode = self._episode(rule, user)
                 stored = self._episodes.contributions(rule, user, now_ns - config.max_age_ns)
                 tracker.restore(stored, episode.severity if episode else None)
+                self._loaded_open[key] = episode is not None
         return tracker
 
     def _episode(self, rule: str, user: str) -> _Episode | None:
@@ -266,6 +280,19 @@ class LongRuleEngine:
 
     # evaluation
 
+    def selects(self, action: str, rank: int, destination_class: str) -> bool:
+        """Whether any rule can see an event with these fields (most events: no)."""
+        key = (action, rank, destination_class)
+        hit = self._selects.get(key)
+        if hit is None:
+            hit = self._selects[key] = any(
+                rank >= r.selector.min_rank
+                and action in r.selector.actions
+                and destination_class in r.selector.destinations
+                for r in self._rules
+            )
+        return hit
+
     def feed(self, event: LongEvent) -> list[Finding]:
         return self.feed_batch([event])
 
@@ -277,12 +304,9 @@ class LongRuleEngine:
         and the rule's place in the policy.
         """
         if self._episodes is not None:
-            # Ask the store afresh: an analyst may have closed an alert since the last batch.
-            closed = [key for key, ep in self._open.items() if ep is not None]
+            # Ask the store afresh, lazily per (rule, user) this batch touches: an analyst
+            # may have closed an alert since the last batch.
             self._open.clear()
-            for key in closed:
-                if self._episode(*key) is None:
-                    self._risk.pop(key, None)  # reload: false positives' points leave
         ordered = sorted(events, key=lambda e: (e.ts_ns, e.event_id))
         self._gaps = {}
         self._span = (ordered[0].ts_ns, ordered[-1].ts_ns) if ordered else None
@@ -367,6 +391,8 @@ class LongRuleEngine:
         kind = FindingKind.ESCALATED if episode is not None else FindingKind.OPENED
         if episode is None:
             episode = self._open[key] = _Episode(severity, threshold, event.day)
+            if key in self._risk:
+                self._loaded_open[key] = True  # its close must reload the score too
         episode.severity, episode.threshold = severity, threshold
         ids = tuple(evidence)
         episode.evidence.update(ids)

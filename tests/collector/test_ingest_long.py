@@ -171,3 +171,22 @@ def test_each_member_of_an_archive_is_a_document(store):
     (alert,) = long_alerts(store, "trickle-30d")
     assert alert.files == 6
     assert alert.bytes == sum(500 + i for i in range(6))
+
+
+def test_a_false_positive_takes_its_points_out_of_the_score(store):
+    agent = new_agent()
+    enroll(store, agent)
+    ingest = Ingestor(store, parse_policy(yaml.safe_load(POLICY), "p"))
+    chain = BatchChain(agent)
+    leak(ingest, chain, 0, 4, first=0)  # 50 points: a risk alert at medium (40)
+    (alert,) = long_alerts(store, "risk")
+    Triage(store, Trail(store)).set_status(
+        alert.alert_id, "false_positive", actor="sam", reason="backup job", now_ns=T0
+    )
+    leak(ingest, chain, 0, 3, first=10)  # 30 more: 80 (high) with the dismissed points
+    assert [a.status for a in long_alerts(store, "risk")] == ["false_positive"]
+    leak(ingest, chain, 0, 1, first=20)  # 40 without them: a new alert, at medium
+    assert [(a.status, a.severity) for a in long_alerts(store, "risk")] == [
+        ("false_positive", "medium"),
+        ("new", "medium"),
+    ]
