@@ -16,6 +16,7 @@ below `rearm_below` x the lowest tier.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -330,14 +331,24 @@ class LongRuleEngine:
     ) -> Iterator[tuple[LongEvent, Finding]]:
         if rule.cumulative is not None:
             core = rule.cumulative
+            # Rows up to a window past the run: windows ending at later stored events
+            # (a late delivery) now hold the run's events too, so they are judged again.
+            last = run[-1]
             rows = self._history.window(
-                user, rule.selector, run[0].ts_ns - core.window_ns, run[-1].ts_ns
+                user, rule.selector, run[0].ts_ns - core.window_ns, last.ts_ns + core.window_ns
             )
             slider = Slider(core, rows)
             for event in run:
                 finding = self._cumulative(rule, core, event, slider)
                 if finding is not None:
                     yield event, finding
+            for row in sorted(rows, key=lambda e: (e.ts_ns, e.event_id)):
+                if row.ts_ns <= last.ts_ns:
+                    continue
+                later = dataclasses.replace(last, event_id=row.event_id, ts_ns=row.ts_ns)
+                finding = self._cumulative(rule, core, later, slider, attach=False)
+                if finding is not None:
+                    yield later, finding
         elif rule.baseline is not None:
             base = rule.baseline
             bucket = CumulativeRule(
@@ -411,18 +422,24 @@ class LongRuleEngine:
         )
 
     def _cumulative(
-        self, rule: LongRule, core: CumulativeRule, event: LongEvent, slider: Slider
+        self,
+        rule: LongRule,
+        core: CumulativeRule,
+        event: LongEvent,
+        slider: Slider,
+        *,
+        attach: bool = True,
     ) -> Finding | None:
         value = slider.advance(event.ts_ns)
         episode = self._episode(rule.name, event.user)
         current = -1.0 if episode is None else episode.threshold
         higher = [t.threshold for t in core.tiers if t.threshold > current]
-        if not higher or value < higher[0]:
-            return self._attach(rule, event)  # the cheap path: no new tier reached
+        if not higher or value < higher[0]:  # the cheap path: no new tier reached
+            return self._attach(rule, event) if attach else None
         verdict = slider.verdict()
         tier = verdict.tier
         if tier is None or tier.threshold <= current:
-            return self._attach(rule, event)
+            return self._attach(rule, event) if attach else None
         explanation = (
             f"{event.user}: {verdict.value} {core.measure.value.replace('_', ' ')} in "
             f"{core.window_ns // DAY_NS} days ({verdict.documents} documents, "

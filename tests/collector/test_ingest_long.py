@@ -190,3 +190,23 @@ def test_a_false_positive_takes_its_points_out_of_the_score(store):
         ("false_positive", "medium"),
         ("new", "medium"),
     ]
+
+
+def test_late_events_count_in_the_windows_they_belong_to(store):
+    """An agent offline for three days delivers with the original times (DETECTION-RULES
+    §3.1.5): they count in their own windows, and the alert shows those times."""
+    agent = new_agent()
+    enroll(store, agent)
+    ingest = Ingestor(store, parse_policy(yaml.safe_load(POLICY), "p"))
+    chain = BatchChain(agent)
+    leak(ingest, chain, 10, 3, first=0)  # day 10, delivered on time
+    events = []
+    for i in range(3):  # days 7 to 9, delivered on day 10 after the others
+        ev = chain.events(1)[0]
+        ev.observed_at_ns = T0 + (7 + i) * DAY
+        ev.destination.sha256, ev.destination.size = f"{100 + i:064x}", 2000 + i
+        events.append(ev)
+    ingest.upload(chain.next(events).raw, agent.agent_id, T0 + 10 * DAY + 7200 * 10**9)
+    (alert,) = long_alerts(store, "trickle-30d")
+    assert alert.files == 6
+    assert alert.first_ns == T0 + 7 * DAY  # the evidence keeps the original times
