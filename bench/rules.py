@@ -93,15 +93,16 @@ def policy(text: str) -> Policy:
 
 
 def destination(rng: random.Random) -> tuple[str, str]:
-    """(action, destination class) of one event of the everyday mix."""
+    """(action, destination class) of one event of the everyday mix: mostly reads, shares
+    and local copies; a cloud-sync or USB copy is rare (a few a month per user)."""
     r = rng.random()
     if r < 0.70:
         return "read", "local"
     if r < 0.88:
         return "copy", "network_share"
-    if r < 0.985:
+    if r < 0.9975:
         return "copy", "local"
-    if r < 0.997:
+    if r < 0.9995:
         return "copy", "cloud_sync"
     return "copy", "removable"
 
@@ -209,13 +210,15 @@ def main() -> None:
     args = parser.parse_args()
     now_ns = (time.time_ns() // DAY_NS) * DAY_NS + 12 * 3600 * 10**9
     args.cache.mkdir(parents=True, exist_ok=True)
-    base = args.cache / f"history-{args.users}-{args.days}-{args.per_day}-{now_ns // DAY_NS}.db"
+    base = args.cache / f"history2-{args.users}-{args.days}-{args.per_day}-{now_ns // DAY_NS}.db"
     if not base.exists():
         progress(f"building {base}")
         partial = base.with_suffix(".partial")
         partial.unlink(missing_ok=True)
         build_store(partial, args.users, args.days, args.per_day, now_ns)
         partial.rename(base)
+    with SqliteStore.open(base):
+        pass  # bring a cached store up to this collector's schema
     events = sqlite3.connect(base).execute("SELECT count(*) FROM events").fetchone()[0]
     progress(f"{events} events of history")
     burst = ingest_rate(base, args.cache, BURST, args, now_ns)

@@ -72,6 +72,13 @@ def dry_run(
             watchlists=directory.watchlists,
         )
         return _replay(stream, history, policy, since_ns)
+    except sqlite3.OperationalError as e:
+        if "no such" in str(e):
+            raise StoreError(
+                f"{database}: {e}: the store predates this collector; start `serve` on it"
+                " once to bring it up to date"
+            ) from e
+        raise StoreError(f"{database}: {e}") from e
     except sqlite3.Error as e:
         raise StoreError(f"{database}: {e}") from e
     finally:
