@@ -157,7 +157,7 @@ def _long_rules(
     for user in sorted(users):
         events = [
             LongEvent(r[0], user, r[1], r[2], ranks.get(r[2], -1), r[3], r[4], r[5], r[6],
-                      r[7], r[8] or "", r[9])
+                      r[7], r[8] or "", r[9], bool(r[10]))
             for r in con.execute(sql, (user, since_ns, *actions))
         ]  # fmt: skip
         current: dict[str, int] = {}
@@ -183,7 +183,8 @@ def _long_rules(
 
 _USER_EVENTS = (
     "SELECT event_id, observed_at_ns, label, destination_class, action,"  # noqa: S608
-    f" {DOC_SHA_SQL}, {DOC_SIZE_SQL}, dest_path, {DEVICE_SQL}, host FROM events"
+    f" {DOC_SHA_SQL}, {DOC_SIZE_SQL}, dest_path, {DEVICE_SQL}, host, archive_member != x''"
+    " FROM events"
     " WHERE user = ? AND observed_at_ns >= ? AND action IN ({marks})"
     " ORDER BY observed_at_ns, event_id"
 )

@@ -110,6 +110,7 @@ def long_event(event: StoredEvent, policy: Policy, now_ns: int | None = None) ->
         path=event.dest_path,
         device=device_key(event.device),
         host=event.host,
+        archived=bool(event.archive_member),
     )
 
 

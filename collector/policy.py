@@ -336,7 +336,7 @@ _RISK_KEYS = (
     "base_by_label", "destination_factor", "watchlist_factor", "indicators", "dedup",
     "half_life", "max_age", "tiers", "rearm_below", "off_hours",
 )  # fmt: skip
-_INDICATORS = ("first_seen_device", "off_hours", "coverage_gap_near")
+_INDICATORS = ("first_seen_device", "off_hours", "coverage_gap_near", "staged_before_copy")
 _DAY_NS: Final = 86_400 * _NS_PER_S
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -67,6 +67,8 @@ class LongEvent:
     path: bytes = b""
     device: str = ""
     host: str = ""
+    archived: bool = False
+    """The copy is a member of an archive written to the destination (staged)."""
 
     @property
     def day(self) -> int:
@@ -109,6 +111,10 @@ class History(Protocol):
 
     def first_day(self) -> int | None:
         """The day of the oldest stored event (None: nothing stored yet)."""
+        ...
+
+    def renames(self, user: str, after_ns: int, until_ns: int) -> list[int]:
+        """Times of the user's renames of labelled files in (after, until], ascending."""
         ...
 
 
@@ -156,6 +162,8 @@ class LongRule:
     """Working hours [start, end) in the organisation's zone (UTC here); outside is off-hours."""
     indicator_lookback_ns: int = 90 * DAY_NS
     gap_within_ns: int = 10 * 60 * 1_000_000_000
+    stage_within_ns: int = 3_600 * 1_000_000_000
+    """A rename of a labelled file this long before a copy makes it "staged_before_copy"."""
 
     @property
     def kind(self) -> RuleKind:
@@ -220,8 +228,8 @@ class LongRuleEngine:
         """Whether the (rule, user) alert was open when its tracker was loaded or raised."""
         self._expected: dict[tuple[str, str], tuple[int, Expectation]] = {}
         """(rule, user) -> (last history day, expectation): baselines change once a day."""
-        self._gaps: dict[str, tuple[int, int, list[int]]] = {}
-        """host -> (after, until, gap times) for the current batch."""
+        self._recent_times: dict[tuple[str, str], tuple[int, int, list[int]]] = {}
+        """(kind, host or user) -> (after, until, times) for the current batch."""
         self._span: tuple[int, int] | None = None
         self._first: int | None = None
         self._devices: dict[tuple[str, str], int] = {}
@@ -309,7 +317,7 @@ class LongRuleEngine:
             # may have closed an alert since the last batch.
             self._open.clear()
         ordered = sorted(events, key=lambda e: (e.ts_ns, e.event_id))
-        self._gaps = {}
+        self._recent_times = {}
         self._span = (ordered[0].ts_ns, ordered[-1].ts_ns) if ordered else None
         by_user: dict[str, list[LongEvent]] = {}
         for event in ordered:
@@ -538,23 +546,38 @@ class LongRuleEngine:
         return self._first
 
     def _gap_near(self, rule: LongRule, event: LongEvent) -> bool:
-        """The host reported a coverage gap within `gap_within_ns` before the event.
+        """The host reported a coverage gap within `gap_within_ns` before the event."""
+        if not event.host:
+            return False
+        return self._recent("gap", event.host, rule.gap_within_ns, event, self._history.gaps)
 
-        The gaps of the batch's span are asked for once per host and batch."""
+    def _staged(self, rule: LongRule, event: LongEvent) -> bool:
+        """Archived, or the user renamed a labelled file within `stage_within_ns` before."""
+        return event.archived or self._recent(
+            "rename", event.user, rule.stage_within_ns, event, self._history.renames
+        )
+
+    def _recent(
+        self,
+        kind: str,
+        key: str,
+        within_ns: int,
+        event: LongEvent,
+        fetch: Callable[[str, int, int], list[int]],
+    ) -> bool:
+        """Something of `kind` for `key` happened in (event - within, event]?
+
+        Asked of the History once per key and batch, for the batch's whole span."""
         span = self._span
-        cached = self._gaps.get(event.host)
+        cached = self._recent_times.get((kind, key))
         if cached is None:
-            after = (span[0] if span else event.ts_ns) - rule.gap_within_ns
+            after = (span[0] if span else event.ts_ns) - within_ns
             until = span[1] if span else event.ts_ns
-            cached = self._gaps[event.host] = (
-                after,
-                until,
-                self._history.gaps(event.host, after, until),
-            )
+            cached = self._recent_times[kind, key] = (after, until, fetch(key, after, until))
         after, until, times = cached
-        low = event.ts_ns - rule.gap_within_ns
+        low = event.ts_ns - within_ns
         if not after <= low or event.ts_ns > until:
-            times = self._history.gaps(event.host, low, event.ts_ns)
+            times = fetch(key, low, event.ts_ns)
         i = bisect.bisect_right(times, low)
         return i < len(times) and times[i] <= event.ts_ns
 
@@ -583,8 +606,10 @@ class LongRuleEngine:
             indicators.add("off_hours")
         if event.device and not self._seen_device(rule, event):
             indicators.add("first_seen_device")
-        if event.host and self._gap_near(rule, event):
+        if self._gap_near(rule, event):
             indicators.add("coverage_gap_near")
+        if self._staged(rule, event):
+            indicators.add("staged_before_copy")
         facts = RiskFacts(
             event.event_id,
             event.ts_ns,

@@ -24,6 +24,7 @@ class MemoryHistory:
         self._events: dict[str, list[tuple[int, str, LongEvent]]] = defaultdict(list)
         self._active: dict[str, set[int]] = defaultdict(set)
         self._gaps: dict[str, list[int]] = defaultdict(list)
+        self._renames: dict[str, list[int]] = defaultdict(list)
         self._departments = dict(departments or {})
         self._watchlists = dict(watchlists or {})
 
@@ -89,3 +90,11 @@ class MemoryHistory:
     def first_day(self) -> int | None:
         days = [d for active in self._active.values() for d in active]
         return min(days) if days else None
+
+    def renames(self, user: str, after_ns: int, until_ns: int) -> list[int]:
+        rows = self._renames.get(user, [])
+        return rows[bisect.bisect_right(rows, after_ns) : bisect.bisect_right(rows, until_ns)]
+
+    def rename(self, user: str, ts_ns: int) -> None:
+        """The user renamed a labelled file at `ts_ns`."""
+        bisect.insort(self._renames[user], ts_ns)

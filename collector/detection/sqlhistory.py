@@ -201,3 +201,12 @@ class SqlHistory:
     def first_day(self) -> int | None:
         row = self._connect().execute("SELECT min(observed_at_ns) FROM events").fetchone()
         return None if row[0] is None else int(row[0]) // DAY_NS
+
+    def renames(self, user: str, after_ns: int, until_ns: int) -> list[int]:
+        rows = self._connect().execute(
+            "SELECT observed_at_ns FROM events WHERE user = ? AND observed_at_ns > ?"
+            " AND observed_at_ns <= ? AND action = 'rename' AND label != ''"
+            " ORDER BY observed_at_ns",
+            (user, after_ns, until_ns),
+        )
+        return [row[0] for row in rows]

@@ -210,3 +210,30 @@ def test_late_events_count_in_the_windows_they_belong_to(store):
     (alert,) = long_alerts(store, "trickle-30d")
     assert alert.files == 6
     assert alert.first_ns == T0 + 7 * DAY  # the evidence keeps the original times
+
+
+def test_a_rename_or_an_archive_shortly_before_a_copy_is_staging(store, tmp_path):
+    policy = parse_policy(
+        yaml.safe_load(POLICY.replace("coverage_gap_near: 7}", "staged_before_copy: 3}")), "p"
+    )
+    agent = new_agent()
+    enroll(store, agent)
+    ingest = Ingestor(store, policy)
+    chain = BatchChain(agent)
+    rename = chain.events(1)[0]
+    rename.action = events_pb2.ACTION_RENAME
+    rename.observed_at_ns = T0 + 2 * DAY - 600 * 10**9  # ten minutes before day 2's copy
+    ingest.upload(chain.next([rename]).raw, agent.agent_id, T0 + 2 * DAY)
+    leak(ingest, chain, 0, 1, first=0)  # day 0: nothing staged
+    leak(ingest, chain, 2, 1, first=1)  # day 2: a rename ten minutes before
+    archived = chain.events(1)[0]  # day 4: a member of a zip on the stick
+    archived.observed_at_ns = T0 + 4 * DAY
+    archived.source.sha256, archived.destination.sha256 = "7" * 64, "8" * 64
+    archived.detection = events_pb2.DETECTION_METHOD_ARCHIVE_MEMBER
+    archived.archive_member = b"minutes.docx"
+    ingest.upload(chain.next([archived]).raw, agent.agent_id, T0 + 4 * DAY)
+    con = sqlite3.connect(tmp_path / "collector.db")
+    days = con.execute(
+        "SELECT ts_ns / ? FROM risk_contributions WHERE term = 'staged_before_copy'", (DAY,)
+    ).fetchall()
+    assert [day - T0 // DAY for (day,) in days] == [2, 4]
