@@ -20,16 +20,20 @@ from typing import Protocol
 
 import psutil
 
-from agent.errors import FanotifyError
+from agent.errors import AgentError, FanotifyError
 from agent.events import AttributionMethod, ProcessInfo, UserInfo
-from agent.fanotify import READER_MASK, WRITER_MASK, Access, Fanotify, MarkScope
+from agent.fanmarks import FanotifyMarks, own_filesystems
+from agent.fanotify import Access, Fanotify, MarkScope
+from agent.mounts import Mount, read_mounts
 from agent.proccache import ProcessCache, ProcessFacts, user_name
+from agent.watcher import Role
 
 __all__ = [
     "AccessLog",
     "Attribution",
     "Attributor",
     "AttributorProtocol",
+    "PipelineAttributor",
     "ReaderAttributorProtocol",
     "open_attributor",
     "user_name",
@@ -48,13 +52,21 @@ DEFAULT_OPENED_MAX_AGE = 60.0
 
 
 class AttributorProtocol(Protocol):
-    def attribute(self, path: bytes, st: os.stat_result) -> Attribution: ...
+    def attribute(
+        self, path: bytes, st: os.stat_result, *, seen_at: float | None = None
+    ) -> Attribution: ...
 
 
 class ReaderAttributorProtocol(Protocol):
-    def reader_of(self, path: bytes, st: os.stat_result) -> Attribution:
+    def reader_of(
+        self, path: bytes, st: os.stat_result, *, seen_at: float | None = None
+    ) -> Attribution:
         """Who last read this (labelled) file: for access events."""
         ...
+
+
+class PipelineAttributor(AttributorProtocol, ReaderAttributorProtocol, Protocol):
+    """What the pipeline asks: the writer of a destination file, the reader of a labelled one."""
 
 
 class AccessLog(Protocol):
@@ -72,6 +84,8 @@ class AccessLog(Protocol):
 
     def stop(self, timeout: float = 5.0) -> None: ...
 
+    def take_overflows(self) -> int: ...
+
 
 def _owner(st: os.stat_result) -> UserInfo:
     name = user_name(st.st_uid)
@@ -87,12 +101,18 @@ class Attributor:
     renames do not hide it; writers win over readers; the agent's own pid is
     skipped, its workers open files to hash them). Processes are described through
     `cache`, keyed by (pid, start time). Thread-safe; `close()` stops fanotify.
+
+    `marks` (with fanotify) keeps the group's marks in step with the watched
+    trees: the watcher tells the attributor of new and deleted directories
+    (agent.watcher.DirectoryListener) and the destination tracker of mounts
+    (`mark_root`, `unmounted`); without fanotify these do nothing.
     """
 
     def __init__(
         self,
         *,
         fanotify: AccessLog | None = None,
+        marks: FanotifyMarks | None = None,
         cache: ProcessCache | None = None,
         budget: float = 0.05,
         flush_timeout: float = DEFAULT_FLUSH_TIMEOUT,
@@ -101,6 +121,7 @@ class Attributor:
         pids: Callable[[], Iterable[int]] = psutil.pids,
     ) -> None:
         self._fanotify = fanotify
+        self._marks = marks if fanotify is not None else None
         self._cache = cache or ProcessCache(proc=proc)
         self._budget = budget
         self._flush_timeout = flush_timeout
@@ -116,12 +137,19 @@ class Attributor:
         """True when fanotify answers (tier 1); False: best effort."""
         return self._fanotify is not None
 
-    def attribute(self, path: bytes, st: os.stat_result) -> Attribution:
-        """Who wrote the file: the last writer fanotify saw, else a holder, else the owner."""
+    def attribute(
+        self, path: bytes, st: os.stat_result, *, seen_at: float | None = None
+    ) -> Attribution:
+        """Who wrote the file: the last writer fanotify saw, else a holder, else the owner.
+
+        `seen_at`: when the write was observed (the watcher's stamp, monotonic). A
+        record older than that may be the file's previous writer: the fanotify
+        queue is flushed first (its twin of the observed event is in it).
+        """
         key = (st.st_dev, st.st_ino)
         if self._fanotify is not None:
             access = self._fanotify.last_writer(*key)
-            if access is None and self._fanotify.flush(self._flush_timeout):
+            if _stale(access, seen_at) and self._fanotify.flush(self._flush_timeout):
                 access = self._fanotify.last_writer(*key)
             if access is not None:
                 return _from_access(access, _owner(st))
@@ -135,15 +163,18 @@ class Attributor:
             return facts.process, facts.user, AttributionMethod.PROC_SCAN
         return None, _owner(st), AttributionMethod.FILE_OWNER
 
-    def reader_of(self, path: bytes, st: os.stat_result) -> Attribution:
+    def reader_of(
+        self, path: bytes, st: os.stat_result, *, seen_at: float | None = None
+    ) -> Attribution:
         """Who last read the file (closed it without writing), else who holds it now.
 
         Never the file's owner: owning a file says nothing about who read it.
+        `seen_at` as for `attribute`: a labelled file is read by many in turn.
         """
         key = (st.st_dev, st.st_ino)
         if self._fanotify is not None:
             access = self._fanotify.last_reader(*key)
-            if access is None and self._fanotify.flush(self._flush_timeout):
+            if _stale(access, seen_at) and self._fanotify.flush(self._flush_timeout):
                 access = self._fanotify.last_reader(*key)
             if access is not None:
                 return _from_access(access, UserInfo())
@@ -169,17 +200,46 @@ class Attributor:
             while len(self._opened) > DEFAULT_OPENED_CAPACITY:
                 self._opened.popitem(last=False)
 
+    @property
+    def marks(self) -> FanotifyMarks | None:
+        """The fanotify marks (None without fanotify): for status and tests."""
+        return self._marks
+
     def mark_destination(self, path: bytes) -> bool:
-        """Also watch the mount holding `path` for writers (a mount that came later)."""
-        if self._fanotify is None:
+        """Also watch the filesystem mounted at `path` for writers (a stick mounted later)."""
+        return self.mark_root(path, Role.DESTINATION, own_filesystem=True)
+
+    def mark_root(self, path: bytes, role: Role, *, own_filesystem: bool) -> bool:
+        """Mark a root watched from now on (agent.fanmarks: by filesystem or by directory)."""
+        if self._marks is None:
             return False
-        try:
-            self._fanotify.mark(path, WRITER_MASK, MarkScope.MOUNT)
-            self._fanotify.add_scope(os.fsencode(os.path.realpath(path)))
-        except FanotifyError as e:
-            logger.warning("%s", e)
-            return False
-        return True
+        return self._marks.add_root(path, role, own_filesystem=own_filesystem)
+
+    def remark(self) -> None:
+        """Walk the marked roots again, once the watcher runs (agent.fanmarks `refresh`):
+        folders created before it started are reported by nobody else."""
+        if self._marks is not None:
+            marked = self._marks.refresh()
+            logger.info("fanotify: %d directories marked", marked)
+
+    def unmounted(self, mount_point: bytes) -> None:
+        """`mount_point` was unmounted: its marks went with it."""
+        if self._marks is not None:
+            self._marks.unmounted(mount_point)
+
+    def directory_created(self, path: bytes, role: Role) -> None:
+        """agent.watcher.DirectoryListener: a new directory in a watched tree."""
+        if self._marks is not None:
+            self._marks.directory_created(path, role)
+
+    def directory_deleted(self, path: bytes) -> None:
+        """agent.watcher.DirectoryListener: a directory left a watched tree."""
+        if self._marks is not None:
+            self._marks.directory_deleted(path)
+
+    def take_overflows(self) -> int:
+        """fanotify queue overflows since the last call: coverage gaps for the pipeline."""
+        return self._fanotify.take_overflows() if self._fanotify is not None else 0
 
     def close(self) -> None:
         """Stop the fanotify reader (joined). The lower tiers keep working."""
@@ -241,6 +301,11 @@ class Attributor:
         return False
 
 
+def _stale(access: Access | None, seen_at: float | None) -> bool:
+    """No record, or one older than the observation it should explain."""
+    return access is None or (seen_at is not None and access.at < seen_at)
+
+
 def _from_access(access: Access, unknown_user: UserInfo) -> Attribution:
     """A fanotify record as an attribution. The pid is exact even when the process
     was gone before its facts could be read; then the start time is 0 (unknown)
@@ -257,13 +322,16 @@ def open_attributor(
     *,
     euid: int | None = None,
     proc: Path = Path("/proc"),
+    mounts: Sequence[Mount] | None = None,
 ) -> Attributor:
     """The best attributor this process can have, for the service.
 
-    As root: fanotify with mount marks on every destination (writers) and every
-    sensitive root (readers), recording only paths under those folders. Anything
-    else (not root, no fanotify in the kernel or the container) is logged once
-    at INFO, and the lower tiers answer alone. `euid` is for tests.
+    As root: fanotify, marked by agent.fanmarks: every directory of the sensitive
+    roots (readers) and of the destination folders (writers), and the whole
+    filesystem of a destination that is one of its own; recording only paths under
+    those roots. Anything else (not root, no fanotify in the kernel or the
+    container) is logged once at INFO, and the lower tiers answer alone. `mounts`
+    (the mount table, read when not given) and `euid` are for tests.
     """
     cache = ProcessCache(proc=proc)
     if (os.geteuid() if euid is None else euid) != 0:
@@ -275,19 +343,34 @@ def open_attributor(
     except FanotifyError as e:
         logger.info("attribution is best effort (%s); events say how", e)
         return Attributor(cache=cache, proc=proc)
-    try:
-        for dest in destinations:
-            fan.mark(os.fsencode(dest), WRITER_MASK, MarkScope.MOUNT)
-        for root in sensitive_roots:
-            fan.mark(os.fsencode(root), READER_MASK, MarkScope.MOUNT)
-    except FanotifyError as e:
+    if mounts is None:
+        try:
+            mounts = read_mounts()
+        except AgentError as e:
+            logger.warning("%s: destinations are marked by directory", e)
+            mounts = []
+    dest_paths = [os.fsencode(dest) for dest in destinations]
+    whole = own_filesystems(dest_paths, mounts)
+    marks = FanotifyMarks(fan)
+    fan.on_outside = marks.outside
+    ok = [
+        marks.add_root(os.fsencode(root), Role.SENSITIVE, own_filesystem=False)
+        for root in sensitive_roots
+    ]
+    ok += [
+        marks.add_root(dest, Role.DESTINATION, own_filesystem=dest in whole) for dest in dest_paths
+    ]
+    if not all(ok):
         fan.stop()
-        logger.info("attribution is best effort (%s); events say how", e)
+        logger.info("attribution is best effort (fanotify cannot mark every root); events say how")
         return Attributor(cache=cache, proc=proc)
     fan.start()
     logger.info(
-        "attribution by fanotify: %d destinations, %d sensitive roots",
+        "attribution by fanotify: %d destinations (%d filesystems of their own), "
+        "%d sensitive roots, %d directories marked",
         len(destinations),
+        len(whole),
         len(sensitive_roots),
+        marks.directories,
     )
-    return Attributor(fanotify=fan, cache=cache, proc=proc)
+    return Attributor(fanotify=fan, marks=marks, cache=cache, proc=proc)

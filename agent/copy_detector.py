@@ -215,6 +215,16 @@ class CopyDetector:
             self._unclosed[key] = now
         return [ExactCopy(obs, source, obs.sha256)]
 
+    def unmatched(self, obs: WrittenFile) -> bool:
+        """True when `obs`, as just fed, matched no labelled file (rule 5 remembered it).
+
+        Not for a write held back (a temp name), deduplicated or already known as a
+        copy: those are decided, or will be. The pipeline then asks the rules the
+        hash cannot answer (label in content, same process, probable).
+        """
+        held = self._undecided.get((obs.dev, obs.ino))
+        return held is not None and held[0].identity == obs.identity
+
     def forget(self, key: tuple[int, int]) -> None:
         """The inode `key` is an original in a sensitive root (again): decide it afresh.
 

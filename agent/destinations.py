@@ -393,6 +393,15 @@ class RootWatcher(Protocol):
     def remove_root(self, path: Path | bytes, role: Role | None = None) -> bool: ...
 
 
+class RootMarker(Protocol):
+    """What the tracker needs from `agent.attribution.Attributor`: fanotify marks on the
+    roots it adds (a mount mark for a mount of its own), forgotten on unmount."""
+
+    def mark_root(self, path: bytes, role: Role, *, own_filesystem: bool) -> bool: ...
+
+    def unmounted(self, mount_point: bytes) -> None: ...
+
+
 class DestinationTracker:
     """Keeps the watcher's roots and the `Destinations` registry in step with the world.
 
@@ -406,6 +415,10 @@ class DestinationTracker:
     - a watched root at or below a mount point that was mounted or unmounted is
       watched again: its path now leads to other inodes.
 
+    `marks` (optional, the attributor) gets the same roots for fanotify: a new
+    mount is marked as a mount, a folder root (a sync folder, a root watched
+    again) by directory; an unmount forgets the mount's marks.
+
     Call `start()` after the watcher started; `stop()` before stopping it.
     """
 
@@ -418,10 +431,12 @@ class DestinationTracker:
         mountinfo: Path = MOUNTINFO,
         sys_root: Path = SYS_ROOT,
         dev_root: Path = DEV_ROOT,
+        marks: RootMarker | None = None,
     ) -> None:
         self._config = config
         self._destinations = destinations
         self._watcher = watcher
+        self._marks = marks
         self._sys_root = sys_root
         self._dev_root = dev_root
         self._follower = (
@@ -445,6 +460,7 @@ class DestinationTracker:
                 self._destinations.add(dest)
                 if self._watcher.add_root(root, Role.DESTINATION):
                     self._extra[root] = Role.DESTINATION
+                    self._mark(root, Role.DESTINATION, own_filesystem=self._is_whole(root))
         if self._follower is not None:
             self._follower.start()
         self._initial = False
@@ -511,6 +527,7 @@ class DestinationTracker:
                 )
             if self._watcher.add_root(mp, role):
                 self._mounted[mp] = (mount.mount_id, role)
+                self._mark(mp, role, own_filesystem=mount.root == b"/")
         if not self._initial:
             self._rewatch_below(mp, include_self=role is None)
 
@@ -522,9 +539,12 @@ class DestinationTracker:
         if watched is not None and watched[0] == mount.mount_id:
             del self._mounted[mp]
             self._destinations.remove(mp)
+            if self._marks is not None:
+                self._marks.unmounted(mp)
             static = self._static.get(mp) or self._extra.get(mp)
             if static is not None:
                 self._watcher.add_root(mp, static)  # the folder is uncovered again
+                self._mark(mp, static, own_filesystem=self._is_whole(mp))
             else:
                 self._watcher.remove_root(mp, watched[1])
             logger.info("unmounted %s: watch dropped", _display(mp))
@@ -541,6 +561,20 @@ class DestinationTracker:
             if (include_self or root != mp) and _is_under(root, mp):
                 logger.info("%s now leads elsewhere: watching it again", _display(root))
                 self._watcher.add_root(root, role)
+                self._mark(root, role, own_filesystem=self._is_whole(root))
+
+    def _mark(self, root: bytes, role: Role, *, own_filesystem: bool) -> None:
+        if self._marks is not None:
+            self._marks.mark_root(root, role, own_filesystem=own_filesystem)
+
+    def _is_whole(self, path: bytes) -> bool:
+        """`path` is the mount point of a whole filesystem (its top mount shows `/`)."""
+        if self._follower is None:
+            return False  # not following mounts: folders, marked by directory
+        # The follower's table is the new one during a change; the last entry for a
+        # mount point is the one on top.
+        on_top = [m for m in self._follower.mounts if m.mount_point == path]
+        return bool(on_top) and on_top[-1].root == b"/"
 
 
 def roots_for(destinations: Destinations, sensitive: Sequence[Path]) -> list[tuple[Path, Role]]:

@@ -54,6 +54,12 @@ class LabelError(AgentError):
 class FanotifyError(AgentError):
     hint = "run the agent as root for reliable attribution; without it, attribution is best effort"
 
+    def __init__(self, message: str, *, errno: int = 0) -> None:
+        super().__init__(message)
+        self.errno = errno
+        """The kernel's errno when a system call refused (0 otherwise): ENOSPC is the marks
+        limit, ENOENT a path that went away."""
+
 
 class SpoolError(AgentError):
     pass

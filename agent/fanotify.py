@@ -42,6 +42,7 @@ FAN_CLOEXEC = 0x01
 FAN_NONBLOCK = 0x02
 FAN_CLASS_NOTIF = 0x00
 FAN_MARK_ADD = 0x01
+FAN_MARK_REMOVE = 0x02
 FAN_MARK_MOUNT = 0x10
 FAN_MARK_FILESYSTEM = 0x100
 FAN_MARK_INODE = 0x00
@@ -83,6 +84,9 @@ _MARK_FLAGS = {
     MarkScope.INODE: (FAN_MARK_INODE, 0),
     MarkScope.CHILDREN: (FAN_MARK_INODE, FAN_EVENT_ON_CHILD),
 }
+
+OutsideHook = Callable[[bytes], None]
+"""`hook(path)`: an event for a file outside the scope (reader thread; must not block)."""
 
 
 @dataclass(frozen=True)
@@ -167,7 +171,10 @@ class Fanotify:
     file; each one is closed at once, whatever happens (a leak would exhaust the
     agent's descriptors within minutes on a busy mount). Events from the agent
     itself (its hashing workers) are ignored, and so are paths outside `scope`
-    (mount marks see the whole mount). Queue overflows are counted, not hidden.
+    (mount marks see the whole mount); those are handed to `on_outside` (from the
+    reader thread), which agent.fanmarks uses to drop the mark of a directory
+    moved out of a watched tree. Queue overflows are counted, not hidden:
+    `take_overflows` hands them to whoever reports coverage gaps.
     """
 
     def __init__(
@@ -180,6 +187,7 @@ class Fanotify:
         capacity: int = DEFAULT_CAPACITY,
         max_age: float = DEFAULT_MAX_AGE,
         monotonic: Callable[[], float] = time.monotonic,
+        on_outside: OutsideHook | None = None,
     ) -> None:
         self._fd = fd
         self._syscalls = syscalls
@@ -188,6 +196,8 @@ class Fanotify:
         self._capacity = capacity
         self._max_age = max_age
         self._monotonic = monotonic
+        self.on_outside = on_outside
+        """Settable once before `start()` (agent.fanmarks is built on the group)."""
         self._self = os.getpid()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._lock = threading.Lock()
@@ -207,6 +217,7 @@ class Fanotify:
         """Events received (any pid, any path)."""
         self.overflows = 0
         """FAN_Q_OVERFLOW events: the kernel dropped events, attribution may miss some."""
+        self._overflows_taken = 0
         self.failure: BaseException | None = None
 
     @classmethod
@@ -248,15 +259,39 @@ class Fanotify:
         if self._scope and prefix not in self._scope:
             self._scope = (*self._scope, prefix)  # one assignment: the reader sees old or new
 
+    def remove_scope(self, prefix: bytes) -> None:
+        """Stop recording paths under `prefix` (an unmounted stick)."""
+        if prefix in self._scope and len(self._scope) > 1:  # empty would mean "everything"
+            self._scope = tuple(p for p in self._scope if p != prefix)
+
     def mark(self, path: bytes, mask: int, scope: MarkScope = MarkScope.MOUNT) -> None:
-        """Watch `path` (its mount, filesystem, inode or children) for `mask` events."""
+        """Watch `path` (its mount, filesystem, inode or children) for `mask` events.
+
+        Adding to a mark that exists adds the bits of `mask` to it: marking twice is harmless.
+        """
+        self._mark(FAN_MARK_ADD, path, mask, scope)
+
+    def unmark(self, path: bytes, mask: int, scope: MarkScope = MarkScope.MOUNT) -> None:
+        """Remove the `mask` bits of the mark on `path`; ENOENT when there is none."""
+        self._mark(FAN_MARK_REMOVE, path, mask, scope)
+
+    def _mark(self, action: int, path: bytes, mask: int, scope: MarkScope) -> None:
         flags, extra = _MARK_FLAGS[scope]
         try:
-            self._syscalls.fanotify_mark(self._fd, FAN_MARK_ADD | flags, mask | extra, path)
+            self._syscalls.fanotify_mark(self._fd, action | flags, mask | extra, path)
         except OSError as e:
+            verb = "mark" if action == FAN_MARK_ADD else "unmark"
             raise FanotifyError(
-                f"fanotify cannot mark the {scope} of {os.fsdecode(path)!r}: {_explain(e)}"
+                f"fanotify cannot {verb} the {scope} of {os.fsdecode(path)!r}: {_explain(e)}",
+                errno=e.errno or 0,
             ) from e
+
+    def take_overflows(self) -> int:
+        """Queue overflows since the last call (each is a coverage gap to report)."""
+        with self._lock:
+            seen = self.overflows
+            new, self._overflows_taken = seen - self._overflows_taken, seen
+        return new
 
     @property
     def alive(self) -> bool:
@@ -407,7 +442,8 @@ class Fanotify:
     def _handle(self, mask: int, fd: int, pid: int) -> None:
         self.events += 1
         if mask & FAN_Q_OVERFLOW:
-            self.overflows += 1
+            with self._lock:
+                self.overflows += 1
             # Once at WARNING, then quietly: a flood would repeat it many times a second.
             level = logging.WARNING if self.overflows == 1 else logging.DEBUG
             logger.log(
@@ -423,6 +459,8 @@ class Fanotify:
             path = os.readlink(b"/proc/self/fd/%d" % fd)
             scope = self._scope
             if scope and not any(_is_under(path, prefix) for prefix in scope):
+                if self.on_outside is not None:
+                    self.on_outside(path)
                 return
             st = os.fstat(fd)
         except OSError:

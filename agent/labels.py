@@ -75,6 +75,11 @@ class Labeller:
         self.invalid_values = 0
 
     @property
+    def reads_content(self) -> bool:
+        """False when `labels.content` configures nothing: `content_label` opens no file."""
+        return self._content.enabled
+
+    @property
     def content_stats(self) -> ContentStats:
         """Files (and parts of files) whose content could not be read, by reason."""
         return self._content.stats

@@ -136,6 +136,12 @@ class AgentService:
         observations: ObservationQueue = queue.Queue(maxsize=config.queue_size)
         self._observations = observations
         destinations = Destinations.from_config(config)
+        # fanotify when root (tier 1), else best effort; logged once either way. Its
+        # marks follow the watched trees: the watcher reports new and deleted
+        # directories to it, the tracker mounts (agent.fanmarks).
+        self._attributor = open_attributor(
+            config.sensitive_roots, [dest.path for dest in config.destinations]
+        )
         self._watcher = Watcher(
             roots_for(destinations, config.sensitive_roots),
             observations,
@@ -143,11 +149,10 @@ class AgentService:
             raise_watch_limit_to=(
                 config.inotify.max_user_watches if config.inotify.raise_watch_limit else None
             ),
+            directories=self._attributor,
         )
-        self._tracker = DestinationTracker(config, destinations, self._watcher)
-        # fanotify when root (tier 1), else best effort; logged once either way.
-        self._attributor = open_attributor(
-            config.sensitive_roots, [dest.path for dest in config.destinations]
+        self._tracker = DestinationTracker(
+            config, destinations, self._watcher, marks=self._attributor
         )
         self._pipeline = Pipeline(
             config,
@@ -161,12 +166,15 @@ class AgentService:
             drops=self._watcher.take_dropped,
             destinations=destinations,
             reported=self._reported,
+            attribution_overflows=self._attributor.take_overflows,
         )
         self._supervisor = Supervisor(self._watcher.healthy, self._restart_watcher, self._pipeline)
         self._pipeline.start()
         # Watch before the first scan: a copy made during the scan is still seen.
         self._watcher.start()
         self._tracker.start()  # mounts and sync folders; before the scan, which walks them
+        # Folders made between the first marking and the watcher's start: mark them too.
+        self._attributor.remark()
         self._pipeline.rescan()
         logger.info(
             "agent %s running: %d labelled files indexed, %d sensitive roots, %d destinations",

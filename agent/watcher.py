@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import TypeAlias
+from typing import Protocol, TypeAlias
 
 from watchdog.events import (
     DirCreatedEvent,
@@ -148,6 +148,21 @@ def _is_under(path: bytes, root: bytes) -> bool:
     return path == root or path.startswith(root + b"/")
 
 
+class DirectoryListener(Protocol):
+    """Told of each directory as it appears in a watched tree or leaves it.
+
+    agent.fanmarks keeps a fanotify mark on every watched directory, as inotify
+    keeps a watch: a copier writes into a new folder at once (`cp -r`), so the
+    mark is added from watchdog's dispatch thread, before the observation is
+    queued, not by a pipeline worker behind a backlog. Both calls are one system
+    call at most and never raise.
+    """
+
+    def directory_created(self, path: bytes, role: Role) -> None: ...
+
+    def directory_deleted(self, path: bytes) -> None: ...
+
+
 def raise_watch_limit(target: int, *, path: Path = MAX_USER_WATCHES) -> bool:
     """Raise the inotify watch limit in `path` to `target` if it is lower; True if raised.
 
@@ -159,7 +174,13 @@ def raise_watch_limit(target: int, *, path: Path = MAX_USER_WATCHES) -> bool:
             return False
         path.write_text(f"{target}\n")
     except (OSError, ValueError) as e:
-        logger.warning("cannot raise the inotify watch limit in %s to %d: %s", path, target, e)
+        hint = ""
+        if isinstance(e, OSError) and e.errno == errno.EROFS:
+            # The systemd unit's ProtectKernelTunables=yes: a drop-in opens this one file.
+            hint = " (read-only under the service's sandbox: see README, inotify watch limit)"
+        logger.warning(
+            "cannot raise the inotify watch limit in %s to %d: %s%s", path, target, e, hint
+        )
         return False
     logger.warning("raised the inotify watch limit from %d to %d (%s)", current, target, path)
     return True
@@ -190,6 +211,12 @@ class _Handler(FileSystemEventHandler):
             return
         if kind is ObservationKind.DIR_DELETED and path == self._root:
             kind = ObservationKind.WATCH_LOST
+        listener = self._watcher.directories
+        if listener is not None:
+            if kind is ObservationKind.DIR_CREATED:
+                listener.directory_created(path, self._role)
+            elif kind is ObservationKind.DIR_DELETED:
+                listener.directory_deleted(path)
         dest = os.fsencode(event.dest_path) if kind is ObservationKind.MOVED_IN else b""
         self._watcher.put(
             Observation(kind, path, self._root, self._role, self._watcher.now(), dest)
@@ -309,6 +336,9 @@ class Watcher:
     the limit file (`max_user_watches`, a parameter for tests) is raised to that
     value and the roots that hit the limit are watched again by a small repair
     thread, so the folders skipped meanwhile are covered.
+
+    `directories` (optional) is told of every directory created in or deleted
+    from a watched tree (`DirectoryListener`: fanotify marks follow the tree).
     """
 
     def __init__(
@@ -320,8 +350,10 @@ class Watcher:
         monotonic: Callable[[], float] = time.monotonic,
         raise_watch_limit_to: int | None = None,
         max_user_watches: Path = MAX_USER_WATCHES,
+        directories: DirectoryListener | None = None,
     ) -> None:
         self._initial = tuple((os.fsencode(path), role) for path, role in roots)
+        self.directories = directories
         self._queue = observations
         reads = [FileClosedNoWriteEvent] if observe_reads else []
         self._filters = {

@@ -1,7 +1,7 @@
 """A real watcher + pipeline over tmp_path folders, collecting what it emits (shared by tests).
 
-Used by test_pipeline, test_access, test_reported, test_supervisor, test_copy_patterns
-and test_burst. Waits poll the event queue with a deadline; nothing sleeps.
+Used by test_pipeline, test_access, test_reported, test_supervisor, test_copy_patterns,
+test_burst and test_detection_methods. Waits poll the event queue with a deadline; nothing sleeps.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from agent.access import OwnReads
+from agent.attribution import Attributor
 from agent.clock import SystemClock
 from agent.config import AccessConfig, AgentConfig, DestinationConfig, PathRule
 from agent.copy_detector import CopyDetector
@@ -70,9 +71,11 @@ class ShiftedClock:
 
 class NobodyAttributor:
     def attribute(
-        self, path: bytes, st: os.stat_result
+        self, path: bytes, st: os.stat_result, *, seen_at: float | None = None
     ) -> tuple[ProcessInfo | None, UserInfo, AttributionMethod]:
         return None, UserInfo(), AttributionMethod.UNATTRIBUTED
+
+    reader_of = attribute
 
 
 @dataclass
@@ -127,6 +130,7 @@ class Harness:
     access: AccessConfig | None = None
     reported: ReportedCopies | None = None
     queue_size: int = 10_000
+    overflows: Callable[[], int] | None = None
     observations: ObservationQueue = field(init=False)
     events: queue.Queue[Event] = field(default_factory=queue.Queue)
     seen: list[Event] = field(default_factory=list)
@@ -142,6 +146,8 @@ class Harness:
             [(self.dirs.sensitive, Role.SENSITIVE), (self.dirs.usb, Role.DESTINATION)],
             self.observations,
             observe_reads=self.reads,
+            # As the service wires it: fanotify's marks follow new folders.
+            directories=self.attributor if isinstance(self.attributor, Attributor) else None,
         )
         self.pipeline = Pipeline(
             config,
@@ -155,6 +161,7 @@ class Harness:
             drops=self.drops or (self.watcher.take_dropped if self.with_watcher else None),
             reported=self.reported,
             own_reads=self.own,
+            attribution_overflows=self.overflows,
         )
 
     def start(self) -> None:
@@ -162,6 +169,8 @@ class Harness:
         self.pipeline.start()
         if self.with_watcher:
             self.watcher.start()
+            if isinstance(self.attributor, Attributor):
+                self.attributor.remark()
         self.pipeline.rescan()
 
     def stop(self) -> None:
@@ -283,7 +292,8 @@ def harness_factory(dirs: Dirs) -> Iterator[Callable[..., Harness]]:
              attributor: object | None = None, with_watcher: bool = True,
              drops: Callable[[], int] | None = None, reads: bool = False,
              access: AccessConfig | None = None, reported: ReportedCopies | None = None,
-             queue_size: int = 10_000) -> Harness:  # fmt: skip
+             queue_size: int = 10_000, overflows: Callable[[], int] | None = None,
+             ) -> Harness:  # fmt: skip
         h = Harness(
             dirs,
             hasher or FileHasher(dirs.config.hashing.max_file_bytes),
@@ -295,6 +305,7 @@ def harness_factory(dirs: Dirs) -> Iterator[Callable[..., Harness]]:
             access,
             reported,
             queue_size,
+            overflows,
         )
         made.append(h)
         return h

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from agent.access import Fold, OwnReads, ReadFolder, ReadKey, ReadPolicy, track_own_opens
-from agent.attribution import Attributor
+from agent.attribution import Attributor, open_attributor
 from agent.config import AccessConfig, load_config
 from agent.errors import ConfigError
 from agent.events import (
@@ -356,6 +356,28 @@ def test_a_read_carries_the_reader_when_it_is_still_around(dirs, harness) -> Non
     assert read.user.uid == os.getuid()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="fanotify needs root")
+def test_a_short_reader_is_named_by_fanotify_as_the_reader(dirs, harness) -> None:
+    """cat is gone before any /proc scan: only fanotify's close-nowrite record names it,
+    and only `reader_of` asks for that record (the writer's is empty for a read)."""
+    doc = labelled(dirs.sensitive / "board.pdf", os.urandom(2500))
+    attributor = open_attributor([dirs.sensitive], [dirs.usb])
+    try:
+        if not attributor.fanotify:
+            pytest.skip("fanotify is not available here")
+        h = harness(reads=True, attributor=attributor)
+        h.start()
+        h.settle_own_reads()
+        cat = subprocess.Popen(["cat", str(doc)], stdout=subprocess.DEVNULL)
+        assert cat.wait(timeout=10) == 0
+        read = h.wait_action(Action.READ, doc)
+        h.stop()
+    finally:
+        attributor.close()
+    assert read.attribution is AttributionMethod.FANOTIFY
+    assert read.process is not None and read.process.pid == cat.pid
+
+
 def test_exempt_executables_labels_and_paths_are_not_reported(dirs, harness) -> None:
     (dirs.sensitive / "cache").mkdir()
     cached = labelled(dirs.sensitive / "cache" / "thumb.db", os.urandom(1000))
@@ -364,11 +386,14 @@ def test_exempt_executables_labels_and_paths_are_not_reported(dirs, harness) -> 
     backup = ProcessInfo(pid=9, start_time_ns=1, exe=b"/usr/bin/backup")
 
     class BackupReadsDoc:
-        """The backup agent holds doc.pdf; nobody else is found (as for a finished cat)."""
+        """The backup agent read doc.pdf; nobody else is found (as for a finished cat)."""
 
-        def attribute(self, path: bytes, st: os.stat_result):
+        def reader_of(self, path: bytes, st: os.stat_result, *, seen_at=None):
             if path == os.fsencode(doc):
                 return backup, ALICE, AttributionMethod.FANOTIFY
+            return None, UserInfo(), AttributionMethod.UNATTRIBUTED
+
+        def attribute(self, path: bytes, st: os.stat_result, *, seen_at=None):
             return None, UserInfo(), AttributionMethod.UNATTRIBUTED
 
     access = AccessConfig(

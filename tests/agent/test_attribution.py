@@ -119,6 +119,8 @@ class FakeAccessLog:
     def __init__(self) -> None:
         self.writers: dict[tuple[int, int], Access] = {}
         self.readers: dict[tuple[int, int], Access] = {}
+        self.queued: dict[tuple[int, int], Access] = {}
+        """Reads still in the queue: recorded by the next flush."""
         self.flushes = 0
         self.stopped = False
 
@@ -130,7 +132,12 @@ class FakeAccessLog:
 
     def flush(self, timeout: float) -> bool:
         self.flushes += 1
+        self.readers.update(self.queued)
+        self.queued.clear()
         return True
+
+    def take_overflows(self) -> int:
+        return 0
 
     def mark(self, path: bytes, mask: int, scope: MarkScope = MarkScope.MOUNT) -> None:
         pass
@@ -175,6 +182,21 @@ def test_a_record_without_facts_still_gives_the_exact_pid(written) -> None:
         UserInfo(),
         AttributionMethod.FANOTIFY,
     )
+
+
+def test_a_record_older_than_the_observation_is_checked_against_the_queue(written) -> None:
+    """Labelled files are read by many in turn: the last record may be the one before."""
+    path, st = written
+    key = (st.st_dev, st.st_ino)
+    log = FakeAccessLog()
+    log.readers[key] = Access(4321, facts(WRITER, ALICE), path, 1.0)  # read at 1.0
+    reader = ProcessInfo(pid=5555, start_time_ns=9, exe=b"/usr/bin/cat")
+    log.queued[key] = Access(5555, facts(reader, ALICE), path, 5.0)  # observed at 4.0
+    attributor = Attributor(fanotify=log)
+    assert attributor.reader_of(path, st, seen_at=0.5)[0] == WRITER  # fresh enough
+    assert log.flushes == 0
+    assert attributor.reader_of(path, st, seen_at=4.0)[0] == reader
+    assert log.flushes == 1
 
 
 def test_no_record_waits_for_the_reader_then_falls_to_the_lower_tiers(written) -> None:

@@ -89,13 +89,103 @@ def test_probable_needs_size_user_and_time(correlator, size, user, now) -> None:
     assert correlator.decide(write(size), SHELL, user, now=now) is None
 
 
-def test_without_a_process_start_time_only_probable_is_possible(correlator) -> None:
+def test_a_pid_without_its_start_time_is_the_same_process_only_for_seconds(correlator) -> None:
+    # fanotify's pid of a copier gone before /proc could be read: exact, but reused
+    # one day; within seconds it cannot have been (pids come in sequence).
     pid_only = ProcessInfo(pid=EDITOR.pid, start_time_ns=0)
     correlator.read(PAYROLL, pid_only, ALICE, now=0.0)
-    assert correlator.decide(write(40_000), pid_only, ALICE, now=1.0) is None
-    assert correlator.decide(write(52_000), pid_only, ALICE, now=1.0) == Correlation(
+    assert correlator.decide(write(40_000), pid_only, ALICE, now=1.0) == Correlation(
+        write(40_000), PAYROLL, DetectionMethod.SAME_PROCESS, 0.0
+    )
+    # The reader's start time known, the writer's not (or the other way round).
+    correlator.read(MINUTES, SHELL, BOB, now=2.0)
+    shell = ProcessInfo(pid=SHELL.pid, start_time_ns=0)
+    assert (
+        correlator.decide(write(9_000), shell, BOB, now=3.0).method is DetectionMethod.SAME_PROCESS
+    )
+    assert correlator.decide(write(40_000), EDITOR, BOB, now=3.0).source == PAYROLL
+    # After the pid window only probable is left (same user, about the size).
+    assert correlator.decide(write(40_000), pid_only, ALICE, now=10.5) is None
+    assert correlator.decide(write(52_000), pid_only, ALICE, now=10.5) == Correlation(
         write(52_000), PAYROLL, DetectionMethod.PROBABLE, 0.0
     )
+
+
+def test_a_shell_writing_what_its_child_read_is_the_same_process(correlator) -> None:
+    # `sh -c 'base64 src > dest'`: dash opens dest and closes it last, base64 reads.
+    shell = ProcessInfo(pid=300, start_time_ns=7_000, exe=b"/usr/bin/dash")
+    base64 = ProcessInfo(pid=301, start_time_ns=7_001, exe=b"/usr/bin/base64", ppid_chain=(300, 1))
+    correlator.read(PAYROLL, base64, ALICE, now=0.0)
+    decided = correlator.decide(write(70_000), shell, ALICE, now=1.0)
+    assert decided == Correlation(write(70_000), PAYROLL, DetectionMethod.SAME_PROCESS, 0.0)
+    assert correlator.decide(write(70_000), shell, ALICE, now=10.5) is None  # not for long
+    init_child = ProcessInfo(pid=302, start_time_ns=7_002, ppid_chain=(1,))
+    correlator.read(MINUTES, init_child, BOB, now=20.0)
+    assert correlator.decide(write(5), ProcessInfo(pid=1, start_time_ns=1), BOB, now=21.0) is None
+
+
+def test_a_parent_that_is_no_shell_is_not_blamed_for_its_childs_reads(correlator) -> None:
+    # A script running `cp secret /usb`, then writing its own log there.
+    script = ProcessInfo(pid=400, start_time_ns=8_000, exe=b"/usr/bin/python3.11", name="python3")
+    cp = ProcessInfo(pid=401, start_time_ns=8_001, exe=b"/usr/bin/cp", ppid_chain=(400,))
+    correlator.read(PAYROLL, cp, ALICE, now=0.0)
+    assert correlator.decide(write(70_000), script, BOB, now=1.0) is None
+    # A shell whose child's read was spent on the child's own exact copy: nothing either.
+    shell = ProcessInfo(pid=500, start_time_ns=9_000, exe=b"/usr/bin/bash", name="bash")
+    cat = ProcessInfo(pid=501, start_time_ns=9_001, exe=b"/usr/bin/cat", ppid_chain=(500,))
+    correlator.read(MINUTES, cat, ALICE, now=2.0)
+    correlator.spend(MINUTES.key, cat, ALICE, until=3.0)
+    assert correlator.decide(write(70_000), shell, BOB, now=3.5) is None
+
+
+def test_a_read_explains_one_write_even_when_its_write_came_first(correlator) -> None:
+    correlator.read(PAYROLL, EDITOR, ALICE, now=0.0)
+    correlator.spend(PAYROLL.key, EDITOR, ALICE, until=2.0)  # its exact copy was reported
+    assert correlator.decide(write(52_000), EDITOR, ALICE, now=3.0) is None
+    # The read of another copy, handled after that copy's write: spent on arrival.
+    correlator.spend(MINUTES.key, SHELL, BOB, until=12.0)
+    correlator.read(MINUTES, SHELL, BOB, now=11.5)
+    assert correlator.decide(write(10_000), SHELL, BOB, now=12.5) is None
+    # A read after that is a new read.
+    correlator.read(MINUTES, SHELL, BOB, now=13.0)
+    assert correlator.decide(write(9_000), SHELL, BOB, now=14.0).source == MINUTES
+
+
+def test_a_read_spent_by_a_writer_known_only_by_its_pid_stays_spent(correlator) -> None:
+    correlator.read(PAYROLL, EDITOR, ALICE, now=0.0)  # filed under (pid, start time)
+    gone = ProcessInfo(pid=EDITOR.pid, start_time_ns=0)  # its exact copy's writer
+    correlator.spend(PAYROLL.key, gone, UserInfo(), until=1.0)
+    assert correlator.decide(write(40_000), EDITOR, ALICE, now=2.0) is None
+
+
+def test_a_read_spent_by_one_process_is_still_anothers_read(correlator) -> None:
+    correlator.read(PAYROLL, SHELL, ALICE, now=0.0)
+    correlator.spend(PAYROLL.key, SHELL, ALICE, until=2.0)  # alice's shell copied it exactly
+    correlator.read(PAYROLL, EDITOR, ALICE, now=1.0)  # her editor read it too
+    decided = correlator.decide(write(40_000), EDITOR, ALICE, now=3.0)
+    assert decided is not None and decided.method is DetectionMethod.SAME_PROCESS
+    assert correlator.decide(write(52_000), None, ALICE, now=3.0) is None  # probable: spent
+
+
+def test_a_copy_by_an_unnamed_writer_spends_the_latest_read_of_its_source(correlator) -> None:
+    # cp wrote into a folder fanotify had not marked yet: the copy's writer is unknown.
+    correlator.read(PAYROLL, SHELL, BOB, now=0.0)
+    correlator.read(PAYROLL, EDITOR, ALICE, now=1.0)
+    correlator.spend(PAYROLL.key, None, ALICE, until=1.5)
+    assert correlator.decide(write(40_000), EDITOR, ALICE, now=2.0) is None
+    assert correlator.decide(write(40_000), SHELL, BOB, now=2.0) is not None  # not that one
+    # Its read still on its way: the next read of the source is the copier's.
+    correlator.spend(MINUTES.key, None, UserInfo(), until=3.5)
+    correlator.read(MINUTES, EDITOR, ALICE, now=3.0)
+    assert correlator.decide(write(9_000), EDITOR, ALICE, now=4.0) is None
+    correlator.read(MINUTES, EDITOR, ALICE, now=5.0)  # a new read
+    assert correlator.decide(write(9_000), EDITOR, ALICE, now=6.0) is not None
+
+
+def test_a_read_after_the_write_explains_nothing(correlator) -> None:
+    correlator.read(PAYROLL, EDITOR, ALICE, now=5.0)
+    assert correlator.decide(write(52_000), EDITOR, ALICE, now=4.0) is None
+    assert correlator.decide(write(52_000), EDITOR, ALICE, now=5.0) is not None
 
 
 def test_probable_prefers_the_closest_size_then_the_latest_read(correlator) -> None:
@@ -130,14 +220,14 @@ def test_memory_is_bounded_per_owner_and_in_owners() -> None:
     correlator = ReadCorrelator(per_owner=3, max_owners=2)
     for ino in range(10):
         correlator.read(labelled(f"f{ino}", 1000 + ino, ino), EDITOR, ALICE, now=float(ino))
-    assert len(correlator) == 6  # 3 for the process, 3 for the user
+    assert len(correlator) == 9  # 3 for the process, 3 for its pid, 3 for the user
     # Only the three latest are remembered: f0 (size 1000) is gone.
     decided = correlator.decide(write(1000), EDITOR, BOB, now=10.0)
     assert decided is not None and decided.source.ino == 7
     others = [ProcessInfo(pid=pid, start_time_ns=1) for pid in (1, 2, 3)]
     for i, proc in enumerate(others):
         correlator.read(MINUTES, proc, UserInfo(login=f"u{i}"), now=11.0)
-    assert len(correlator) == 4  # two processes and two users, one read each
+    assert len(correlator) == 6  # two processes, two pids and two users, one read each
     assert correlator.decide(write(1000), EDITOR, BOB, now=12.0) is None
 
 

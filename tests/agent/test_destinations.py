@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.attribution import AttributorProtocol
+from agent.attribution import Attributor, PipelineAttributor, open_attributor
 from agent.clock import SystemClock
 from agent.config import (
     AgentConfig,
@@ -488,9 +488,11 @@ def test_tracker_adds_cloud_sync_folders_at_start(tmp_path) -> None:
 
 class NobodyAttributor:
     def attribute(
-        self, path: bytes, st: os.stat_result
+        self, path: bytes, st: os.stat_result, *, seen_at: float | None = None
     ) -> tuple[ProcessInfo | None, UserInfo, AttributionMethod]:
         return None, UserInfo(), AttributionMethod.UNATTRIBUTED
+
+    reader_of = attribute
 
 
 @dataclass
@@ -498,6 +500,8 @@ class Rig:
     """Watcher, pipeline and tracker over `config`, started like the service starts them."""
 
     config: AgentConfig
+    attributor: Attributor | None = None
+    """A real one (fanotify as root) is wired as the service wires it; None: nobody."""
     events: queue.Queue[Event] = field(default_factory=queue.Queue)
     seen: list[Event] = field(default_factory=list)
 
@@ -510,8 +514,12 @@ class Rig:
             [b(r) for r in config.sensitive_roots], Labeller(config), self.index, hasher
         )
         self.registry = Destinations.from_config(config)
-        self.watcher = Watcher(roots_for(self.registry, config.sensitive_roots), self.observations)
-        attributor: AttributorProtocol = NobodyAttributor()
+        self.watcher = Watcher(
+            roots_for(self.registry, config.sensitive_roots),
+            self.observations,
+            directories=self.attributor,
+        )
+        attributor: PipelineAttributor = self.attributor or NobodyAttributor()
         self.pipeline = Pipeline(
             config,
             self.index,
@@ -525,7 +533,9 @@ class Rig:
             drops=self.watcher.take_dropped,
             destinations=self.registry,
         )
-        self.tracker = DestinationTracker(config, self.registry, self.watcher)
+        self.tracker = DestinationTracker(
+            config, self.registry, self.watcher, marks=self.attributor
+        )
 
     def start(self) -> None:
         self.scanner.scan()
@@ -566,8 +576,8 @@ class Rig:
 def rig() -> Iterator[Callable[[AgentConfig], Rig]]:
     made: list[Rig] = []
 
-    def make(config: AgentConfig) -> Rig:
-        made.append(Rig(config))
+    def make(config: AgentConfig, attributor: Attributor | None = None) -> Rig:
+        made.append(Rig(config, attributor))
         return made[-1]
 
     yield make
@@ -660,6 +670,48 @@ def test_a_stick_mounted_later_is_watched_unmounted_and_watched_again(
     r.stop()
     assert r.gaps(GapReason.WATCH_LOST) == []  # orderly unmounts are no coverage gaps
     assert len([e for e in r.seen if e.action is Action.COPY]) == 2
+
+
+@needs_root
+def test_fanotify_marks_a_stick_mounted_later_as_a_whole_and_forgets_it_unmounted(
+    tmp_path, rig, mounts, loop_stick
+) -> None:
+    """A stick mounted later is marked as a whole filesystem (folders made on it need no
+    marks of their own), as the service wires it; the unmount forgets the mark."""
+    (tmp_path / "sensitive" / "board").mkdir(parents=True)
+    plan = tmp_path / "sensitive" / "board" / "plan.pdf"  # labelled by the path rule
+    plan.write_bytes(os.urandom(40_000))
+    point = tmp_path / "media" / "STICK"
+    point.mkdir(parents=True)
+    mounts.append(point)
+    config = config_for(
+        tmp_path,
+        removable=RemovableConfig(devices=(os.path.basename(loop_stick.device),)),
+        cloud_sync=CloudSyncConfig(detect=False),
+    )
+    attributor = open_attributor(config.sensitive_roots, [d.path for d in config.destinations])
+    try:
+        marks = attributor.marks
+        if marks is None:
+            pytest.skip("fanotify is not available here")
+        r = rig(config, attributor)
+        r.start()
+        assert marks.mounts == []
+        subprocess.run(["mount", loop_stick.device, point], check=True)
+        wait_until(lambda: b(point) in marks.mounts, TIMEOUT, "a filesystem mark on the stick")
+        deep = point / "new" / "folders"
+        subprocess.run(["mkdir", "-p", str(deep)], check=True)
+        cp = subprocess.Popen(["cp", str(plan), str(deep / "plan.pdf")])
+        assert cp.wait(timeout=10) == 0
+        event = r.wait_copy_to(deep / "plan.pdf")
+        assert event.destination_class is DestinationClass.REMOVABLE
+        assert event.attribution is AttributionMethod.FANOTIFY
+        assert event.process is not None and event.process.pid == cp.pid
+        subprocess.run(["umount", point], check=True)
+        wait_until(lambda: not marks.mounts, TIMEOUT, "the stick's mark forgotten")
+        r.stop()
+    finally:
+        attributor.close()
 
 
 @needs_root

@@ -374,6 +374,27 @@ def test_a_temp_file_never_renamed_is_reported_after_the_grace_period(dirs, harn
     assert event.action is Action.COPY
 
 
+def test_fanotify_overflows_are_a_gap_with_the_count_and_no_rescan(dirs, harness) -> None:
+    """fanotify only attributes: its overflow loses pids, not files (inotify saw them)."""
+    pending = [3]
+
+    def overflows() -> int:
+        n, pending[0] = pending[0], 0
+        return n
+
+    h = harness(with_watcher=False, overflows=overflows)
+    h.start()
+    gap = h.wait_gap(GapReason.FANOTIFY_OVERFLOW)
+    assert gap.gap is not None
+    assert gap.gap.reason == "fanotify_overflow"
+    assert gap.gap.count == 3
+    pending[0] = 2  # counted again after stop's last look
+    h.stop()
+    assert [e.gap.count for e in h.seen if e.gap] == [3, 2]
+    stats = h.pipeline.stats()
+    assert (stats.fanotify_overflows, stats.rescans) == (5, 1)  # the first scan only
+
+
 def test_stop_flushes_pending_gaps(dirs, harness) -> None:
     clock = FakeClock()
     h = harness(with_watcher=False, clock=clock)

@@ -51,9 +51,11 @@ NON_UTF8 = b"r\xe9sum\xe9-\xff.docx"
 
 class Nobody:
     def attribute(
-        self, path: bytes, st: os.stat_result
+        self, path: bytes, st: os.stat_result, *, seen_at: float | None = None
     ) -> tuple[ProcessInfo | None, UserInfo, AttributionMethod]:
         return None, UserInfo(), AttributionMethod.UNATTRIBUTED
+
+    reader_of = attribute
 
 
 class Agent:
