@@ -406,7 +406,7 @@ q = queue.Queue()
 watcher = Watcher([(tree, Role.DESTINATION)], q, raise_watch_limit_to=raise_to,
                   max_user_watches=limit)
 watcher.start()
-seen, reports, deadline, rounds = set(), [], time.monotonic() + 20, 0
+seen, reports, deadline, rounds = set(), [], time.monotonic() + 60, 0
 try:
     while len(seen) < 100 and time.monotonic() < deadline:
         rounds += 1
