@@ -7,7 +7,6 @@ adapters fetch; time is always an argument. Semantics follow DETECTION-RULES.md
 
 from collector.detection.baseline import BaselineRule, BaselineVerdict, DayCount, Expectation
 from collector.detection.cumulative import CumulativeRule, CumulativeVerdict, Measure, WindowEvent
-from collector.detection.eventtime import EventTime, clamp_event_time
 from collector.detection.risk import Contribution, RiskConfig, RiskFacts, RiskTracker, Term
 
 __all__ = [
@@ -17,7 +16,6 @@ __all__ = [
     "CumulativeRule",
     "CumulativeVerdict",
     "DayCount",
-    "EventTime",
     "Expectation",
     "Measure",
     "RiskConfig",
@@ -25,5 +23,4 @@ __all__ = [
     "RiskTracker",
     "Term",
     "WindowEvent",
-    "clamp_event_time",
 ]

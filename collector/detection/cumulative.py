@@ -58,7 +58,7 @@ class WindowEvent:
 
     event_id: str
     ts_ns: int
-    """Event time (clamped, see `eventtime`)."""
+    """Event time as stored (`observed_at_ns`)."""
     sha256: str
     size: int
     path: bytes = b""

@@ -56,7 +56,7 @@ class LongEvent:
     event_id: str
     user: str
     ts_ns: int
-    """Event time, already clamped (`eventtime.clamp_event_time`)."""
+    """Event time: the agent's, no later than the arrival (`longalerts.long_event`)."""
     label: str
     rank: int
     """The label's rank in the policy; -1 when unlabelled or unknown."""

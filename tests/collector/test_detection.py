@@ -10,7 +10,6 @@ import pytest
 from collector.detection import baseline, cumulative
 from collector.detection.baseline import BaselineRule, DayCount
 from collector.detection.cumulative import CumulativeRule, Measure, Tier, WindowEvent
-from collector.detection.eventtime import Clamp, clamp_event_time
 from collector.detection.risk import RiskConfig, RiskFacts, RiskTracker
 
 S = 1_000_000_000
@@ -85,15 +84,6 @@ def test_bytes_sum_distinct_documents_and_count_counts_events(measure, value):
         WindowEvent("4", 4, "b" * 64, 2000),
     ]
     assert cumulative.evaluate(rule, events, 10).value == value
-
-
-def test_event_time_is_clamped_and_flagged():
-    received = 1000 * DAY
-    assert clamp_event_time(received - 3 * DAY, received).clamped is None
-    back = clamp_event_time(received - 40 * DAY, received)
-    assert (back.ts_ns, back.clamped) == (received - 7 * DAY, Clamp.BACKDATED)
-    ahead = clamp_event_time(received + DAY, received)
-    assert (ahead.ts_ns, ahead.clamped) == (received + 5 * 60 * S, Clamp.FUTURE)
 
 
 def test_slow_leak_defeats_a_30_document_30_day_window_but_not_tiers_at_15():

@@ -220,42 +220,50 @@ COLUMNS = (
 )
 
 
+INSERT = f"INSERT INTO events ({COLUMNS}) VALUES ({','.join('?' * 23)})"  # noqa: S608
+
+
+def copy_row(e: LongEvent, seq: int, shift_days: int = 0) -> tuple[object, ...]:
+    """The events-table row of a simulated copy, `shift_days` later."""
+    from collector.models import DeviceView
+    from collector.queries import device_json
+
+    return (e.event_id, "agent", 1, seq, e.ts_ns + shift_days * DAY_NS, e.action, e.host,
+            e.user, e.label, "xattr", b"", 0, "", b"/media/" + e.event_id.encode(), e.size,
+            e.sha256, e.destination_class, "exact_hash", "fanotify", None,
+            device_json(DeviceView(serial=e.device)), "", 0)  # fmt: skip
+
+
+def read_rows(w: World, shift_days: int = 0) -> list[tuple[object, ...]]:
+    """Days on which a user was active but copied nothing still show in the store: a read."""
+    seen = {(e.user, e.day) for e in w.events}
+    return [
+        (f"read-{u}-{d}", "agent", 1, 0, (d + shift_days) * DAY_NS + 9 * HOUR, "read",
+         f"ws-{u}", u, "internal", "xattr", b"", 0, "", b"", 0, "", "local", "", "", None,
+         None, "", 0)
+        for u, d in w.active if (u, d) not in seen
+    ]  # fmt: skip
+
+
 def test_the_store_backed_history_gives_the_same_findings(simulated, tmp_path):
     import sqlite3
 
     from collector.detection.sqlhistory import SqlHistory
-    from collector.models import DeviceView
-    from collector.queries import device_json
     from collector.store import SCHEMA
 
     w, _, findings = simulated
     con = sqlite3.connect(tmp_path / "events.db", isolation_level=None)
     con.executescript(SCHEMA)
-    insert = f"INSERT INTO events ({COLUMNS}) VALUES ({','.join('?' * 23)})"  # noqa: S608
     ordered = sorted(w.events, key=lambda e: (e.ts_ns, e.event_id))
-    rows: dict[str, tuple[object, ...]] = {
-        e.event_id: (e.event_id, "agent", 1, i, e.ts_ns, e.action, e.host, e.user, e.label,
-         "xattr", b"", 0, "", b"/media/" + e.event_id.encode(), e.size, e.sha256,
-         e.destination_class, "exact_hash", "fanotify", None,
-         device_json(DeviceView(serial=e.device)), "", 0)
-        for i, e in enumerate(ordered)
-    }  # fmt: skip
-    # Days on which a user was active but copied nothing still show in the store: a read.
-    # (Only the past of each event matters to these reads, so they go in first.)
-    seen = {(e.user, e.day) for e in w.events}
-    reads = [
-        (f"read-{u}-{d}", "agent", 1, 0, d * DAY_NS + 9 * HOUR, "read", f"ws-{u}", u,
-         "internal", "xattr", b"", 0, "", b"", 0, "", "local", "", "", None, None, "", 0)
-        for u, d in w.active if (u, d) not in seen
-    ]  # fmt: skip
-    con.executemany(insert, reads)
+    # (Only the past of each event matters to the reads, so they go in first.)
+    con.executemany(INSERT, read_rows(w))
     history = SqlHistory(lambda: con, list(RANKS), departments=w.departments)
     engine = LongRuleEngine(RULES, history)
     replayed: list[Finding] = []
     for start in range(0, len(ordered), 500):  # stored batch by batch, as ingest does
         batch = ordered[start : start + 500]
         con.execute("BEGIN")
-        con.executemany(insert, [rows[e.event_id] for e in batch])
+        con.executemany(INSERT, [copy_row(e, i) for i, e in enumerate(batch, start)])
         con.execute("COMMIT")
         replayed.extend(engine.feed_batch([e for e in batch if e.day >= START]))
     assert replayed == findings

@@ -13,15 +13,14 @@ import pytest
 
 from collector.cli import DB_FILE, main
 from collector.detection.engine import DAY_NS, FindingKind
-from collector.models import DeviceView
-from collector.queries import device_json
 from collector.store import SqliteStore
 from tests.collector.test_detection_simulation import (
-    COLUMNS,
-    HOUR,
+    INSERT,
     START,
     TEST_WEEKS,
     build,
+    copy_row,
+    read_rows,
     run,
 )
 
@@ -71,21 +70,9 @@ def store_dir(tmp_path_factory):
     with SqliteStore.open(data / DB_FILE):
         pass
     con = sqlite3.connect(data / DB_FILE)
-    rows: list[tuple[object, ...]] = [
-        (e.event_id, "agent", 1, i, e.ts_ns + shift * DAY_NS, e.action, e.host, e.user, e.label,
-         "xattr", b"", 0, "", b"/media/" + e.event_id.encode(), e.size, e.sha256,
-         e.destination_class, "exact_hash", "fanotify", None,
-         device_json(DeviceView(serial=e.device)), "", 0)
-        for i, e in enumerate(w.events)
-    ]  # fmt: skip
-    seen = {(e.user, e.day) for e in w.events}
-    rows += [
-        (f"read-{u}-{d}", "agent", 1, 0, (d + shift) * DAY_NS + 9 * HOUR, "read", f"ws-{u}", u,
-         "internal", "xattr", b"", 0, "", b"", 0, "", "local", "", "", None, None, "", 0)
-        for u, d in w.active if (u, d) not in seen
-    ]  # fmt: skip
+    rows = [copy_row(e, i, shift) for i, e in enumerate(w.events)] + read_rows(w, shift)
     with con:
-        con.executemany(f"INSERT INTO events ({COLUMNS}) VALUES ({','.join('?' * 23)})", rows)  # noqa: S608
+        con.executemany(INSERT, rows)
     con.close()
     (data / "policy.yaml").write_text(POLICY)
     expected = {(f.rule, f.user) for f in run(w) if f.kind is FindingKind.OPENED}
