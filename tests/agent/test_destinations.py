@@ -654,7 +654,7 @@ def test_a_stick_mounted_later_is_watched_unmounted_and_watched_again(
     assert event.device.fs_uuid == loop_stick.fs_uuid
     assert event.device.mount_point == b(point)
 
-    subprocess.run(["umount", point], check=True)
+    unmount(point)
     wait_until(lambda: b(point) not in r.tracker.watched_mounts(), TIMEOUT, "the watch dropped")
     assert (b(point), Role.DESTINATION) not in r.watcher.roots()
     assert r.registry.get(b(point)) is None
@@ -665,7 +665,7 @@ def test_a_stick_mounted_later_is_watched_unmounted_and_watched_again(
     again = r.wait_copy_to(point / "again.pdf")
     assert again.device is not None
     assert again.device.fs_uuid == loop_stick.fs_uuid
-    subprocess.run(["umount", point], check=True)
+    unmount(point)
     wait_until(lambda: not r.tracker.watched_mounts(), TIMEOUT, "the watch dropped again")
     r.stop()
     assert r.gaps(GapReason.WATCH_LOST) == []  # orderly unmounts are no coverage gaps
@@ -707,7 +707,7 @@ def test_fanotify_marks_a_stick_mounted_later_as_a_whole_and_forgets_it_unmounte
         assert event.destination_class is DestinationClass.REMOVABLE
         assert event.attribution is AttributionMethod.FANOTIFY
         assert event.process is not None and event.process.pid == cp.pid
-        subprocess.run(["umount", point], check=True)
+        unmount(point)
         wait_until(lambda: not marks.mounts, TIMEOUT, "the stick's mark forgotten")
         r.stop()
     finally:
@@ -759,3 +759,13 @@ def test_a_watch_limit_observation_is_a_coverage_gap(tmp_path, rig) -> None:
     assert gap.gap is not None
     assert (gap.gap.reason, gap.gap.count) == (GapReason.WATCH_LIMIT, 1)
     assert str(GapReason.WATCH_LIMIT) == "watch_limit"
+
+
+def unmount(point: Path) -> None:
+    """Unmount as a user ejecting a stick would: retried while the agent still reads it
+    ("target is busy" while a worker hashes the last copy), within a deadline."""
+    wait_until(
+        lambda: subprocess.run(["umount", point], capture_output=True).returncode == 0,
+        TIMEOUT,
+        f"{point} unmounted",
+    )
