@@ -247,8 +247,10 @@ class _WatchdogLogHandler(logging.Handler):
         self._watcher.put(Observation(kind, b"", b"", None, self._watcher.now()))
 
 
-LimitHook = Callable[[bytes, bytes], None]
-"""`hook(root, path)`: watching `path` below the watched `root` failed with ENOSPC."""
+LimitHook = Callable[[bytes, bytes, int], None]
+"""`hook(root, path, generation)`: watching `path` below the watched `root` failed with
+ENOSPC; `generation` is the limit generation read before the attempt (see `_LimitState`)."""
+GenerationProbe = Callable[[], int]
 
 
 if InotifyObserver is not None:
@@ -261,35 +263,39 @@ if InotifyObserver is not None:
         (ours, or watchdog's reader when a new folder appears) and must not block.
         """
 
-        def __init__(self, hook: LimitHook) -> None:
+        def __init__(self, hook: LimitHook, generation: GenerationProbe) -> None:
             super().__init__()
             self._limit_hook = hook
+            self._generation = generation
 
         def add_callback(
             self, path: bytes, mask: Mask, callback: WatchCallback, id_: CallbackId
         ) -> WatchDescriptor:
+            # Read before the attempt: a limit raised while it fails must not count as
+            # raised "after" the failure (the folder would stay unwatched).
+            generation = self._generation()
             try:
                 return super().add_callback(path, mask, callback, id_)
             except OSError as e:
                 if e.errno == errno.ENOSPC:
-                    self._limit_hook(getattr(callback, "path", path), path)
+                    self._limit_hook(getattr(callback, "path", path), path, generation)
                 raise
 
     class _LimitReportingObserver(InotifyObserver):
         """InotifyObserver built on `_LimitReportingFD` (its __init__, with our fd)."""
 
-        def __init__(self, hook: LimitHook) -> None:
-            self._inotify_fd = _LimitReportingFD(hook)
+        def __init__(self, hook: LimitHook, generation: GenerationProbe) -> None:
+            self._inotify_fd = _LimitReportingFD(hook, generation)
             self._inotify_fd.start()
             BaseObserver.__init__(
                 self, InotifyEmitter, timeout=DEFAULT_OBSERVER_TIMEOUT, inotify_fd=self._inotify_fd
             )
 
 
-def _new_observer(hook: LimitHook) -> BaseObserver:
+def _new_observer(hook: LimitHook, generation: GenerationProbe) -> BaseObserver:
     if InotifyObserver is None:  # pragma: no cover - not Linux
         return Observer()
-    return _LimitReportingObserver(hook)
+    return _LimitReportingObserver(hook, generation)
 
 
 @dataclass
@@ -440,7 +446,7 @@ class Watcher:
     def start(self) -> None:
         """Start the observer, then watch each root (synchronously: watched on return)."""
         self._attach_log_handler()
-        observer = _new_observer(self._limit_hit)
+        observer = _new_observer(self._limit_hit, self._limit_generation)
         self._observer = observer
         observer.start()
         if self._raise_to is not None:
@@ -564,8 +570,15 @@ class Watcher:
 
     # watch limit
 
-    def _limit_hit(self, root: bytes, path: bytes) -> None:
-        """ENOSPC while watching `path` below `root`; runs in watchdog's threads too."""
+    def _limit_generation(self) -> int:
+        with self._lock:
+            return self._limit.generation
+
+    def _limit_hit(self, root: bytes, path: bytes, generation: int) -> None:
+        """ENOSPC while watching `path` below `root`, tried at limit `generation`.
+
+        Runs in watchdog's threads too.
+        """
         now = self.now()
         with self._lock:
             state = self._limit
@@ -578,7 +591,7 @@ class Watcher:
             # repaired by watching the whole root again once the limit was raised.
             repair = self._raise_to is not None and path != root and root not in state.pending
             if repair:
-                state.pending[root] = state.generation
+                state.pending[root] = generation
         if report:
             logger.warning(
                 "inotify watch limit reached: %s (below %s) is not watched",
