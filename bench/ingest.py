@@ -27,10 +27,12 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import grpc
+import psutil
 
 from agent import codec
 from agent.events import (
@@ -282,6 +284,35 @@ def measure_raw_sqlite(path: Path, chains: list[Chain], synchronous: str) -> tup
     return elapsed, n
 
 
+class CpuWatch:
+    """CPU seconds of the collector, of this process (the uploading client) and of the whole
+    machine between construction and `stop()`: on a shared 2-core box the rate says little
+    without them (other_processes_cores near 0 means the run had the machine to itself)."""
+
+    def __init__(self, collector_pid: int) -> None:
+        self._collector = psutil.Process(collector_pid)
+        self._client = psutil.Process()
+        self._t0 = time.monotonic()
+        self._c0, self._p0 = _cpu(self._collector), _cpu(self._client)
+        self._m0 = _busy(psutil.cpu_times())
+
+    def stop(self) -> None:
+        self.wall_s = time.monotonic() - self._t0
+        self.collector_s = _cpu(self._collector) - self._c0
+        self.client_s = _cpu(self._client) - self._p0
+        self.busy_s = _busy(psutil.cpu_times()) - self._m0
+        self.other_s = max(0.0, self.busy_s - self.collector_s - self.client_s)
+
+
+def _cpu(process: psutil.Process) -> float:
+    t = process.cpu_times()
+    return float(t.user + t.system)
+
+
+def _busy(t: Any) -> float:
+    return float(t.user + t.system + t.irq + t.softirq + t.steal)
+
+
 def alert_counts(db: Path) -> dict[str, int]:
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
@@ -336,7 +367,11 @@ def main(argv: list[str] | None = None) -> int:
             wire = sum(map(len, (r for c in chains for r in c.requests)))
             progress(f"sending {args.events} events in {n_batches} batches ({wire} bytes)")
             load_before = os.getloadavg()[0]
+            assert collector.proc is not None
+            cpu = CpuWatch(collector.proc.popen.pid)
             seconds, stored = measure_ingest(chains)
+            cpu.stop()
+            load_after = os.getloadavg()[0]
             progress(f"ingest: {stored} events in {seconds:.2f} s")
         finally:
             collector.stop()
@@ -365,7 +400,15 @@ def main(argv: list[str] | None = None) -> int:
         "raw_sqlite_events_per_s": round(raw_rate),
         "ratio": round(ratio, 3),
         **counts,
+        "collector_cpu_cores": round(cpu.collector_s / cpu.wall_s, 2),
+        "collector_cpu_us_per_event": round(cpu.collector_s / stored * 1e6, 1),
+        "client_cpu_cores": round(cpu.client_s / cpu.wall_s, 2),
+        "machine_cpu": {
+            "busy_cores": round(cpu.busy_s / cpu.wall_s, 2),
+            "other_processes_cores": round(cpu.other_s / cpu.wall_s, 2),
+        },
         "loadavg_1m_before": round(load_before, 2),
+        "loadavg_1m_after": round(load_after, 2),
         "cpus": os.cpu_count(),
         "target": {"events_per_s": TARGET_EVENTS_PER_S, "ratio": TARGET_RATIO},
         "met": rate >= TARGET_EVENTS_PER_S and ratio >= TARGET_RATIO,

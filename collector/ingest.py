@@ -1,6 +1,8 @@
 """Ingest: verify a signed batch, then store it and run the threshold rules in one transaction.
 
-Framework-free: the gRPC servicer calls `upload`; tests call it directly.
+Framework-free: the gRPC servicer calls `upload`; tests call it directly. Batches that
+arrive while another is being written share the next transaction (collector.groupcommit),
+each acknowledged only once that transaction committed.
 A refused batch stores nothing but a (deduplicated) security alert. A batch dated
 implausibly far in the future is stored (it is genuine) and raises one as well.
 """
@@ -12,7 +14,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from collector import restore
@@ -27,18 +29,23 @@ from collector.errors import (
     StoreError,
     UnknownAgentError,
 )
+from collector.groupcommit import GroupCommit
 from collector.longalerts import StoreEpisodes, apply_findings, long_events
 from collector.models import AlertId, Severity, StoredEvent, ThresholdDecision, VerifiedBatch
 from collector.policy import Policy
+from collector.records import StoreResult
 from collector.render import human_duration
 from collector.rpc import Ack, Heartbeat, HeartbeatReply
-from collector.store import AfterEvents, SqliteStore
+from collector.store import AfterEvents, BatchWrite, PreparedBatch, SqliteStore
 from collector.thresholds import ThresholdEngine
 from collector.verify import future_skew_ns, verify_batch
 
 logger = logging.getLogger(__name__)
 
 EXPIRE_EVERY_NS = 60 * 1_000_000_000
+MAX_GROUP = 64
+"""Most uploads one transaction holds. In practice the server's RPC threads bound a group
+(each waits in it with its caller's batch); this only bounds the worst case."""
 CLOCK_SKEW_FUTURE = "clock_skew_future"
 """Kind of the security alert for batches dated too far ahead of the collector's clock."""
 
@@ -60,6 +67,19 @@ class IngestSettings:
             raise ValueError("max_future_skew_ns must be >= 0 and restore_wait_s > 0")
 
 
+@dataclass(frozen=True)
+class _Pending:
+    """A verified upload waiting for its group commit."""
+
+    prepared: PreparedBatch
+    now_ns: int
+    security: tuple[tuple[str, str, Severity], ...]
+
+
+def _feed(engine: ThresholdEngine, event: StoredEvent, *, now_ns: int) -> list[ThresholdDecision]:
+    return engine.feed(event, now_ns)
+
+
 class Ingestor:
     def __init__(
         self,
@@ -77,6 +97,7 @@ class Ingestor:
         self._long = self._long_engine()
         # The engine is not thread-safe, and its state must move with the store's commits.
         self._lock = threading.Lock()
+        self._commits = GroupCommit(self._store_group, max_items=MAX_GROUP)
         self._last_expire_ns = 0
         self._restored = threading.Event()
         """Clear while `restore_in_background` runs: uploads wait for it, heartbeats do not."""
@@ -194,34 +215,13 @@ class Ingestor:
             batch = verify_batch(
                 signed=(body, signature, key_id), tls_agent_id=tls_agent_id, agent=agent, last=head
             )
-            security = self._future_alert(batch, now_ns)
-            # Build the rows before queueing for the lock: batches from other agents are
-            # stored meanwhile (SQLite releases the GIL while it works).
-            prepared = self._store.prepare(batch)
+            # Verify and build the rows on this thread, before queueing for the writer:
+            # other batches are written meanwhile (SQLite releases the GIL while it works).
+            pending = _Pending(
+                self._store.prepare(batch), now_ns, self._future_alert(batch, now_ns)
+            )
             self._wait_restored()
-            with self._lock:
-                engine = self._engine
-
-                def decide(event: StoredEvent) -> list[ThresholdDecision]:
-                    return engine.feed(event, now_ns)
-
-                try:
-                    result = self._store.store_batch(
-                        prepared,
-                        decide,
-                        now_ns,
-                        security=security,
-                        after=self._long_rules(batch.agent_id, now_ns),
-                    )
-                except Exception:
-                    # The transaction rolled back; the engines may have seen events that
-                    # are not stored. Rebuild them from what is.
-                    self._long = self._long_engine()
-                    self._restore_locked(now_ns)
-                    raise
-                if now_ns - self._last_expire_ns > EXPIRE_EVERY_NS:
-                    engine.expire(now_ns)
-                    self._last_expire_ns = now_ns
+            result = self._commits.submit(pending)
         except IngestError as e:
             who = tls_agent_id or "unauthenticated"
             logger.warning("refused batch from %s: %s: %s", who, type(e).__name__, e)
@@ -229,8 +229,8 @@ class Ingestor:
             raise
         if result.alerts_opened:
             logger.info("alerts opened: %s", ", ".join(map(str, result.alerts_opened)))
-        if security and not result.duplicate:
-            logger.warning("%s: %s", CLOCK_SKEW_FUTURE, security[0][1])
+        if pending.security and not result.duplicate:
+            logger.warning("%s: %s", CLOCK_SKEW_FUTURE, pending.security[0][1])
         return Ack(
             agent_id=batch.agent_id,
             batch_seq=batch.batch_seq,
@@ -238,6 +238,40 @@ class Ingestor:
             duplicate=result.duplicate,
             events_stored=result.events_stored,
         )
+
+    def _store_group(self, group: Sequence[_Pending]) -> list[StoreResult | IngestError]:
+        """Write the uploads of one group commit (`GroupCommit` calls it, one at a time).
+
+        An outcome is the upload's StoreResult, or the refusal its caller raises.
+        """
+        with self._lock:
+            outcomes = self._store_locked(group)
+            now_ns = max(p.now_ns for p in group)
+            if now_ns - self._last_expire_ns > EXPIRE_EVERY_NS:
+                self._engine.expire(now_ns)
+                self._last_expire_ns = now_ns
+        return outcomes
+
+    def _store_locked(self, group: Sequence[_Pending]) -> list[StoreResult | IngestError]:
+        engine = self._engine
+        writes = [
+            BatchWrite(
+                p.prepared,
+                functools.partial(_feed, engine, now_ns=p.now_ns),
+                p.now_ns,
+                security=p.security,
+                after=self._long_rules(p.prepared.batch.agent_id, p.now_ns),
+            )
+            for p in group
+        ]
+        try:
+            return self._store.store_batches(writes)
+        except Exception:
+            # The transaction rolled back; the engines may have seen events that are not
+            # stored. Rebuild them from what is.
+            self._long = self._long_engine()
+            self._restore_locked(max(p.now_ns for p in group))
+            raise
 
     def heartbeat(self, hb: Heartbeat, now_ns: int) -> HeartbeatReply:
         agent = self._store.get_agent_key(hb.agent_id)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import sqlite3
@@ -313,7 +314,12 @@ def insert_rows(
     chunk = rows_per_statement(con, width)
     for start in range(0, len(rows), chunk):
         part = rows[start : start + chunk]
-        con.execute(_multi_row(head, width, len(part)), [v for row in part for v in row])
+        con.execute(_multi_row(head, width, len(part)), _flat(part))
+
+
+def _flat(rows: Sequence[tuple[object, ...]]) -> list[object]:
+    """The values of rows, one after another, as a multi-row INSERT binds them."""
+    return list(itertools.chain.from_iterable(rows))
 
 
 def rows_per_statement(con: sqlite3.Connection, width: int) -> int:
@@ -341,32 +347,54 @@ def insert_new_events(
 ) -> tuple[StoredEvent, ...]:
     """Insert the batch's events whose ids are not stored yet; return those.
 
-    `rows` are the batch's `event_rows`, in event order. Ids already stored (an agent that
-    re-sent events under a new batch_seq) are rare: try the plain insert first and look
-    for them only when it hits the unique key. A single statement undoes itself when it
-    fails; only rows split over several statements need a savepoint.
+    `rows` are the batch's `event_rows`, in event order (see `insert_new_rows`).
     """
-    events = batch.events
-    savepoint = len(rows) > rows_per_statement(con, len(_COLUMNS))
-    if savepoint:
-        con.execute("SAVEPOINT new_events")
-    try:
-        insert_events(con, rows)
-    except sqlite3.IntegrityError:
-        if savepoint:
-            con.execute("ROLLBACK TO new_events")
-        ids = json.dumps([ev.event_id for ev in events])
-        sql = "SELECT event_id FROM events WHERE event_id IN (SELECT value FROM json_each(?))"
-        seen = {row[0] for row in con.execute(sql, (ids,))}
-        logger.warning(
-            "agent %s batch %d: skipping %d events stored before",
-            batch.agent_id, batch.batch_seq, len(seen),
-        )  # fmt: skip
-        events = tuple(ev for ev in events if ev.event_id not in seen)
-        insert_events(con, [row for row in rows if row[0] not in seen])
-    if savepoint:
-        con.execute("RELEASE new_events")
-    return events
+    skipped = insert_new_rows(con, rows)
+    if not skipped:
+        return batch.events
+    logger.warning(
+        "agent %s batch %d: skipping %d events stored before",
+        batch.agent_id, batch.batch_seq, len(skipped),
+    )  # fmt: skip
+    return tuple(ev for i, ev in enumerate(batch.events) if i not in skipped)
+
+
+def insert_new_rows(con: sqlite3.Connection, rows: Sequence[tuple[object, ...]]) -> set[int]:
+    """Insert the events rows whose ids are neither stored nor earlier in `rows`; return
+    the positions of the others, skipped.
+
+    Ids already stored (an agent that re-sent events under a new batch_seq) are rare: try
+    the plain insert first and look for them only when a statement hits the unique key.
+    That statement undid itself, those before it stand; no savepoint is needed (one
+    would copy every index page the inserts touch into its journal).
+    """
+    chunk = rows_per_statement(con, len(_COLUMNS))
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        try:
+            con.execute(_multi_row(_INSERT_EVENTS, len(_COLUMNS), len(part)), _flat(part))
+        except sqlite3.IntegrityError:
+            return _insert_rest(con, rows, start)
+    return set()
+
+
+def _insert_rest(
+    con: sqlite3.Connection, rows: Sequence[tuple[object, ...]], start: int
+) -> set[int]:
+    ids = json.dumps([row[0] for row in rows[start:]])
+    sql = "SELECT event_id FROM events WHERE event_id IN (SELECT value FROM json_each(?))"
+    seen = {row[0] for row in con.execute(sql, (ids,))}
+    skipped: set[int] = set()
+    fresh = []
+    for i in range(start, len(rows)):
+        event_id = rows[i][0]
+        if event_id in seen:
+            skipped.add(i)
+        else:
+            seen.add(event_id)  # a later row with the same id (another batch) is skipped
+            fresh.append(rows[i])
+    insert_events(con, fresh)
+    return skipped
 
 
 def chain_head(con: sqlite3.Connection, agent_id: str) -> tuple[int, bytes] | None:
@@ -466,26 +494,19 @@ def _evidence_alert(
 
 
 class AlertWriter:
-    """Writes the threshold decisions of one batch's transaction.
+    """Writes the threshold decisions of one transaction (the batches of a group commit).
 
-    Evidence for the batch's own events (nearly all of it) is gathered and written by
-    `flush`: one executemany of links and one UPDATE per alert, where `add_evidence` runs
-    three statements per event. The same rows result: an alert's totals grow by sums,
-    minima and maxima, which do not depend on the order they are folded in, and a link
-    made earlier in this transaction is not counted twice (as INSERT OR IGNORE would not).
-    Evidence for older events (a late event made them hot) goes through `add_evidence`.
+    Evidence for the transaction's own events (nearly all of it) is gathered and written by
+    `flush`: one multi-row insert of links and one UPDATE per alert, where `add_evidence`
+    runs three statements per event, and each alert's reason is re-rendered once. The same
+    rows result: an alert's totals grow by sums, minima and maxima, which do not depend on
+    the order they are folded in, and a link made earlier in this transaction is not
+    counted twice (as INSERT OR IGNORE would not). Evidence for older events (a late event
+    made them hot) goes through `add_evidence`.
     """
 
-    def __init__(
-        self,
-        con: sqlite3.Connection,
-        agent_id: str,
-        now_ns: int,
-        new_events: Mapping[str, StoredEvent],
-    ) -> None:
+    def __init__(self, con: sqlite3.Connection, new_events: Mapping[str, StoredEvent]) -> None:
         self._con = con
-        self._agent_id = agent_id
-        self._now_ns = now_ns
         self._new = new_events
         """Events inserted by this transaction: none of them is linked to an alert yet."""
         self._alerts: dict[tuple[str, GroupKey], AlertId | None] = {}
@@ -493,30 +514,30 @@ class AlertWriter:
         self._linked: set[tuple[AlertId, str]] = set()
         self._links: list[tuple[AlertId, str]] = []
         self._totals: dict[AlertId, list[int]] = {}
-        """alert -> [files, bytes, first_ns, last_ns, hot_until_ns] to add."""
+        """alert -> [files, bytes, first_ns, last_ns, hot_until_ns, updated_at_ns] to apply."""
         self._parts: dict[AlertId, ReasonParts] = {}
         """alert -> the words of its new evidence, merged into its reason by `flush`."""
         self.opened: list[AlertId] = []
 
-    def open(self, d: AlertOpened) -> AlertId:
-        alert_id = open_alert(self._con, d, self._agent_id, self._now_ns)
+    def open(self, d: AlertOpened, agent_id: str, now_ns: int) -> AlertId:
+        alert_id = open_alert(self._con, d, agent_id, now_ns)
         # The newest open alert of its group from now on, which is what _evidence_alert picks.
         self._alerts[d.rule, d.group] = alert_id
         self._linked.update((alert_id, event_id) for event_id in d.evidence)
         self.opened.append(alert_id)
         return alert_id
 
-    def add(self, d: EvidenceAdded) -> None:
+    def add(self, d: EvidenceAdded, now_ns: int) -> None:
         ev = self._new.get(d.event_id)
         if ev is None:
-            add_evidence(self._con, d, None, self._now_ns)
+            add_evidence(self._con, d, None, now_ns)
             return
         key = (d.rule, d.group)
         if key in self._alerts:
             alert_id = self._alerts[key]
         else:
             t = ev.observed_at_ns
-            alert_id = self._alerts[key] = _evidence_alert(self._con, d, t, self._now_ns)
+            alert_id = self._alerts[key] = _evidence_alert(self._con, d, t, now_ns)
         if alert_id is None:
             logger.warning("evidence %s for rule %s has no alert; dropped", d.event_id, d.rule)
             return
@@ -524,27 +545,34 @@ class AlertWriter:
             parts = self._parts.get(alert_id)
             self._parts[alert_id] = d.parts if parts is None else parts.merge(d.parts)
         link = (alert_id, d.event_id)
-        added = link not in self._linked
-        if added:
+        if link in self._linked:
+            added = size = 0
+        else:
             self._linked.add(link)
             self._links.append(link)
-        t, size = ev.observed_at_ns, ev.size if added else 0
+            added, size = 1, ev.size
+        t = ev.observed_at_ns
         totals = self._totals.get(alert_id)
         if totals is None:
-            self._totals[alert_id] = [int(added), size, t, t, d.hot_until_ns]
-        else:
-            totals[0] += added
-            totals[1] += size
-            totals[2] = min(totals[2], t)
-            totals[3] = max(totals[3], t)
-            totals[4] = max(totals[4], d.hot_until_ns)
+            self._totals[alert_id] = [added, size, t, t, d.hot_until_ns, now_ns]
+            return
+        totals[0] += added
+        totals[1] += size
+        if t < totals[2]:
+            totals[2] = t
+        if t > totals[3]:
+            totals[3] = t
+        if d.hot_until_ns > totals[4]:
+            totals[4] = d.hot_until_ns
+        if now_ns > totals[5]:
+            totals[5] = now_ns
 
     def flush(self) -> None:
         """Write the gathered evidence; call once, after the last decision."""
         insert_rows(self._con, _ATTACH_MANY, self._links, 2)
         self._con.executemany(
             _GROW,
-            [(*totals, self._now_ns, alert_id) for alert_id, totals in self._totals.items()],
+            [(*totals, alert_id) for alert_id, totals in self._totals.items()],
         )
         for alert_id, parts in self._parts.items():
             rewrite_reason(self._con, alert_id, parts)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import NoReturn, Protocol, cast
 
 import grpc
+from cryptography import x509
 from google.protobuf.message import DecodeError
 
 from collector import pki
@@ -85,6 +86,20 @@ class HeartbeatReply:
     last_batch_digest: bytes
 
 
+_CERTIFICATE_CACHE = 65536
+"""Most verified client certificates remembered (emptied when full)."""
+
+
+@dataclass(frozen=True)
+class _Certificate:
+    """What `Authority.client_identity` proved of a certificate, and when it is valid."""
+
+    agent_id: str
+    serial: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+
+
 class Ingest(Protocol):
     def upload(self, raw: bytes, tls_agent_id: str | None, now_ns: int) -> Ack: ...
 
@@ -130,6 +145,10 @@ class Handlers:
         )
         self._ingest = ingest
         self._enrollment = enrollment
+        self._certificates: dict[bytes, _Certificate] = {}
+        """Client certificates that verified, by their PEM: an agent presents the same one
+        on every call, and checking its issuer's signature cost more than the rest of a
+        heartbeat. Validity is still checked on every call, revocation and renewal too."""
         self._authority = authority
         self._clock_ns = clock_ns
         self._agent_port = agent_port
@@ -153,10 +172,21 @@ class Handlers:
         if not pems:
             return None
         now = dt.datetime.fromtimestamp(self._clock_ns() / 1e9, dt.UTC)
-        try:
-            agent_id, serial = self._authority.client_identity(pems[0], now)
-        except EnrollmentError:
-            return None
+        pem = pems[0]
+        known = self._certificates.get(pem)
+        if known is not None and known.not_before <= now <= known.not_after:
+            agent_id, serial = known.agent_id, known.serial
+        else:
+            try:
+                agent_id, serial = self._authority.client_identity(pem, now)
+            except EnrollmentError:
+                return None
+            if len(self._certificates) >= _CERTIFICATE_CACHE:
+                self._certificates.clear()
+            cert = x509.load_pem_x509_certificate(pem)
+            self._certificates[pem] = _Certificate(
+                agent_id, serial, cert.not_valid_before_utc, cert.not_valid_after_utc
+            )
         current = self._enrollment.current_serial(agent_id)
         if current is None:
             # Unknown or revoked: let ingest say which (and raise the security alert).

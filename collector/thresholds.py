@@ -11,7 +11,7 @@ import bisect
 import logging
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final, NamedTuple, assert_never
 
@@ -94,20 +94,25 @@ class _Episode:
     """Opened by the feed in progress: its AlertOpened is still to be emitted."""
 
 
-@dataclass(slots=True)
 class _Group:
-    """State of one (rule, group): the newest matching events, sorted, and recent episodes."""
+    """State of one (rule, group): the newest matching events, sorted, and recent episodes.
 
-    entries: list[_Entry] = field(default_factory=list)
-    times: list[int] = field(default_factory=list)
-    prefix: list[int] = field(default_factory=lambda: [0])
-    """prefix[i] - prefix[j] is the byte sum of entries[j:i]."""
-    ids: set[EventId] = field(default_factory=set)
-    episodes: list[_Episode] = field(default_factory=list)
-    """Sorted by first_hot_ns; their [first_hot_ns, hot_until_ns) never overlap."""
-    last_fed_ns: int | None = None
-    parts: dict[tuple[int, str, str], ReasonParts] = field(default_factory=dict)
-    """How an event of (label rank, action, destination class) reads in this group's reason."""
+    A plain class: one is made for every new user or host a rule sees, and a dataclass's
+    default factories cost several times this __init__."""
+
+    __slots__ = ("entries", "episodes", "ids", "last_fed_ns", "parts", "prefix", "times")
+
+    def __init__(self) -> None:
+        self.entries: list[_Entry] = []
+        self.times: list[int] = []
+        self.prefix: list[int] = [0]
+        """prefix[i] - prefix[j] is the byte sum of entries[j:i]."""
+        self.ids: set[EventId] = set()
+        self.episodes: list[_Episode] = []
+        """Sorted by first_hot_ns; their [first_hot_ns, hot_until_ns) never overlap."""
+        self.last_fed_ns: int | None = None
+        self.parts: dict[tuple[int, str, str], ReasonParts] = {}
+        """How an event of (label rank, action, destination class) reads in this group's reason."""
 
     def insert(self, entry: _Entry) -> bool:
         """Insert in (time, id) order; True when the entry went last (in-order delivery)."""
@@ -183,6 +188,18 @@ class _Group:
             ep.fresh = ep.fresh and nxt.fresh  # an alert already open keeps the stretch
 
 
+class _Plan(NamedTuple):
+    """A rule as `ThresholdEngine.feed` reads it for each event."""
+
+    rule: Rule
+    name: str
+    keyer: Callable[[StoredEvent], GroupKey]
+    window_ns: int
+    files: int | None
+    size: int | None
+    """The threshold in bytes."""
+
+
 def _order(entry: _Entry) -> tuple[int, EventId]:
     return entry.t, entry.event_id
 
@@ -228,57 +245,100 @@ class ThresholdEngine:
         )
         self._groups: dict[tuple[str, GroupKey], _Group] = {}
         self._keyers = MappingProxyType({rule.name: _keyer(rule) for rule in policy.rules})
-        self._matching: dict[tuple[int, str, str], tuple[Rule, ...]] = {}
-        """Rules matching (label rank, action, destination class), filled as seen."""
+        self._matching: dict[tuple[str, str, str], tuple[int, tuple[_Plan, ...]]] = {}
+        """(label rank, matching rules) per (label, action, destination class), filled as seen."""
 
-    def _rules_for(self, rank: int, action: str, destination_class: str) -> tuple[Rule, ...]:
-        """The rules an event with these fields matches, in policy order; () for most events."""
-        key = (rank, action, destination_class)
-        rules = self._matching.get(key)
-        if rules is None:
-            rules = tuple(
-                rule
+    def _match(
+        self, label: str, action: str, destination_class: str
+    ) -> tuple[int, tuple[_Plan, ...]]:
+        """The label's rank and the rules an event with these fields matches, in policy
+        order (none for most events)."""
+        key = (label, action, destination_class)
+        found = self._matching.get(key)
+        if found is not None:
+            return found
+        rank = self._policy.label_rank(label)
+        plans: tuple[_Plan, ...] = ()
+        if rank is not None:
+            plans = tuple(
+                _Plan(
+                    rule,
+                    rule.name,
+                    self._keyers[rule.name],
+                    rule.window_ns,
+                    rule.threshold.files,
+                    rule.threshold.bytes,
+                )
                 for rule in self._policy.rules
                 if (min_rank := self._min_rank[rule.name]) is not None
                 and rank >= min_rank
                 and action in rule.match.actions
                 and destination_class in rule.match.destinations
             )
-            if len(self._matching) < _MATCH_CACHE:  # actions and classes are few; be sure
-                self._matching[key] = rules
-        return rules
+        found = (-1 if rank is None else rank, plans)
+        # Labels come from agents: bound what an agent inventing labels can make us keep.
+        if len(self._matching) < _MATCH_CACHE:
+            self._matching[key] = found
+        return found
 
     def feed(self, event: StoredEvent, now_ns: int) -> list[ThresholdDecision]:
         """Account one stored event under every rule it matches; return the decisions."""
-        rank = self._policy.label_rank(event.label)
-        if rank is None:
-            return []
-        rules = self._rules_for(rank, event.action, event.destination_class)
-        if not rules:
+        found = self._matching.get((event.label, event.action, event.destination_class))
+        if found is None:
+            found = self._match(event.label, event.action, event.destination_class)
+        rank, plans = found
+        if not plans:
             return []
         t = event.observed_at_ns
-        entry = _Entry(
-            t if t <= now_ns else now_ns,
-            event.event_id,
-            event.size,
-            rank,
-            event.action,
-            event.destination_class,
-        )
+        if t > now_ns:
+            t = now_ns
+        event_id = event.event_id
+        size = event.size
+        entry = _Entry(t, event_id, size, rank, event.action, event.destination_class)
         decisions: list[ThresholdDecision] = []
         groups = self._groups
-        for rule in rules:
-            key = self._keyers[rule.name](event)
-            group = groups.get((rule.name, key))
+        for plan in plans:
+            rule, name, keyer, window, files, limit = plan
+            key = keyer(event)
+            group = groups.get((name, key))
             if group is None:
-                group = groups[rule.name, key] = _Group()
-            elif entry.event_id in group.ids:
+                group = groups[name, key] = _Group()
+            elif event_id in group.ids:
                 continue
-            appended = group.insert(entry)
             if group.last_fed_ns is None or group.last_fed_ns < now_ns:
                 group.last_fed_ns = now_ns
-            # Most events arrive in order in a group that is not hot and stays so: nothing
-            # to decide (what _evaluate would find, in a fraction of the time).
+            times = group.times
+            if not group.episodes and (not times or times[-1] < t):
+                # Most events: in order, in a group that is not hot. Append, and unless the
+                # window ending here crosses, only prune (what _evaluate and _prune would
+                # do, inlined: this runs for nearly every event stored).
+                group.ids.add(event_id)
+                group.entries.append(entry)
+                times.append(t)
+                prefix = group.prefix
+                total = prefix[-1] + size
+                prefix.append(total)
+                n = len(times)
+                start = bisect.bisect_right(times, t - window)  # t <= now: the prune horizon
+                if files is not None:
+                    if n - start >= files:
+                        decisions.extend(self._evaluate(rule, key, group, entry, True))
+                        self._prune(rule, group, now_ns)
+                        continue
+                    keep = max(start, n - files)
+                else:
+                    keep = start
+                if limit is not None:
+                    if total - prefix[start] >= limit:
+                        decisions.extend(self._evaluate(rule, key, group, entry, True))
+                        self._prune(rule, group, now_ns)
+                        continue
+                    if total - prefix[0] >= limit:
+                        keep = max(keep, bisect.bisect_right(prefix, total - limit) - 1)
+                if keep > 0:
+                    group.drop_before(keep)
+                continue
+            appended = group.insert(entry)
             if appended and not group.episodes and not group.crosses_at_newest(rule):
                 self._prune(rule, group, now_ns)
                 continue
@@ -346,6 +406,20 @@ class ThresholdEngine:
         `appended`: the entry is the group's newest, so the only window it joined that ends
         at a retained event is the one ending at its own time."""
         window = rule.window_ns
+        if appended and group.episodes:
+            # The common case of a hot group (a slow leak over a 30-day window makes every
+            # later copy evidence): the newest event falls inside the newest stretch and
+            # its window crosses. The stretch only grows at its end and no retained event
+            # lies there yet, so the event itself is the only new evidence: what the
+            # general path below finds, without its span bookkeeping.
+            last = group.episodes[-1]
+            if not last.fresh and last.first_hot_ns <= entry.t < last.hot_until_ns:
+                until = group.hot_until(entry.t, rule)
+                if until is not None:
+                    if until > last.hot_until_ns:
+                        last.hot_until_ns = until
+                    parts = self._event_parts(rule, key, group, entry)
+                    return [EvidenceAdded(rule.name, key, entry.event_id, last.hot_until_ns, parts)]
         old_spans = [(ep.first_hot_ns - window, ep.hot_until_ns) for ep in group.episodes]
         crossed = False
         ends = (entry.t,) if appended else group.ends(entry.t, entry.t + window)
