@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from tests.procs import ROOT, Collector, run_cli
@@ -23,9 +24,9 @@ def progress(message: str) -> None:
     sys.stderr.flush()
 
 
-def start_collector(tmp: Path, policy: Path = POLICY) -> Collector:
+def start_collector(tmp: Path, policy: Path = POLICY, serve_args: Sequence[str] = ()) -> Collector:
     """`collector init` + `collector serve` on free loopback ports, data in tmp/collector."""
-    collector = Collector(tmp / "collector", policy, tmp / "collector.log")
+    collector = Collector(tmp / "collector", policy, tmp / "collector.log", serve_args)
     collector.init()
     collector.start()
     return collector

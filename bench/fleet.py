@@ -571,6 +571,7 @@ def serve(collector: Collector, listen: str, enroll: str, timeout: float = 180) 
             enroll,
             "--policy",
             str(collector.policy),
+            *collector.serve_args,
         ],
         collector.log,
     )
@@ -601,7 +602,7 @@ class Sampler:
             if pid is None:
                 continue
             with contextlib.suppress(psutil.Error):
-                rss = psutil.Process(pid).memory_info().rss
+                rss = tree_rss(psutil.Process(pid))
                 self.samples.append((time.monotonic(), rss))
                 self.peak = max(self.peak, rss)
 
@@ -621,12 +622,25 @@ def db_count(db: Path, table: str = "events") -> int:
         con.close()
 
 
-def cpu_seconds(pids: list[int]) -> float:
+def tree_rss(process: psutil.Process) -> int:
+    """Resident memory of a process and its children (the collector's decode workers)."""
+    total = int(process.memory_info().rss)
+    for child in process.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            total += child.memory_info().rss
+    return total
+
+
+def cpu_seconds(pids: list[int], *, children: bool = False) -> float:
+    """CPU seconds of the processes (and with `children`, of theirs)."""
     total = 0.0
     for pid in pids:
         with contextlib.suppress(psutil.Error):
-            t = psutil.Process(pid).cpu_times()
-            total += t.user + t.system
+            process = psutil.Process(pid)
+            for p in (process, *(process.children(recursive=True) if children else ())):
+                with contextlib.suppress(psutil.Error):
+                    t = p.cpu_times()
+                    total += t.user + t.system
     return total
 
 
@@ -667,7 +681,10 @@ def ms(seconds: float) -> float:
 
 
 def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    collector = Collector(tmp / "collector", args.policy, tmp / "collector.log")
+    serve_args = []
+    if args.decode_workers is not None:
+        serve_args = ["--decode-workers", str(args.decode_workers)]
+    collector = Collector(tmp / "collector", args.policy, tmp / "collector.log", serve_args)
     sampler = Sampler()
     workers: list[WorkerProc] = []
     try:
@@ -685,7 +702,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         agent_addr = collector.agents
         sampler.pid = collector.proc.popen.pid
         sampler.start()
-        rss_idle = psutil.Process(sampler.pid).memory_info().rss
+        rss_idle = tree_rss(psutil.Process(sampler.pid))
 
         progress(f"enrolling {args.agents} agents (Enroll RPC, {args.enrol_threads} threads)")
         t0 = time.monotonic()
@@ -698,7 +715,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         # the policy's longest window (30 d); an agent that gets ahead of now sends "now".
         step_ns = 60 * 10**9
         start_ns = time.time_ns() - 20 * DAY_NS
-        rss_enrolled = psutil.Process(sampler.pid).memory_info().rss
+        rss_enrolled = tree_rss(psutil.Process(sampler.pid))
         for n, w in enumerate(workers):
             config = {
                 "agents": enrolled[n :: args.workers],
@@ -716,7 +733,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         progress(f"workers built their agents ({max(prepared):.1f} s); connecting")
         ready = [w.expect("ready", 120)["connect_s"] for w in workers]
         conns = count_connections(sampler.pid, agent_addr)
-        rss_connected = psutil.Process(sampler.pid).memory_info().rss
+        rss_connected = tree_rss(psutil.Process(sampler.pid))
         progress(f"{conns} agent connections up ({max(ready):.1f} s); load for {args.warmup} s")
 
         worker_pids = [w.popen.pid for w in workers]
@@ -727,7 +744,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         db = collector.data / "collector.db"
         m0 = time.monotonic()
         rows0 = db_count(db)
-        cpu_c0, cpu_w0 = cpu_seconds([sampler.pid]), cpu_seconds(worker_pids)
+        cpu_c0, cpu_w0 = cpu_seconds([sampler.pid], children=True), cpu_seconds(worker_pids)
         cpu_p0 = cpu_seconds([os.getpid()])
         sys0 = psutil.cpu_times()
         last_rows, last_t = rows0, m0
@@ -738,7 +755,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             last_rows, last_t = rows, now
         rows1 = db_count(db)
         m1 = time.monotonic()
-        cpu_c1, cpu_w1 = cpu_seconds([sampler.pid]), cpu_seconds(worker_pids)
+        cpu_c1, cpu_w1 = cpu_seconds([sampler.pid], children=True), cpu_seconds(worker_pids)
         cpu_p1 = cpu_seconds([os.getpid()])
         sys1 = psutil.cpu_times()
         conns_loaded = count_connections(sampler.pid, agent_addr)
@@ -800,6 +817,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "bench": "fleet",
         "agents": args.agents,
         "workers": args.workers,
+        "decode_workers": args.decode_workers,
         "threads_per_worker": args.threads,
         "max_in_flight": args.workers * args.threads,
         "batch_events": args.batch_events,
@@ -964,6 +982,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--enrol-threads", type=int, default=8)
     parser.add_argument("--policy", type=Path, default=POLICY)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--decode-workers", type=int, help="the collector's `serve --decode-workers` (default: its)"
+    )
     parser.add_argument("--keep", type=Path, help="keep the data in this directory")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

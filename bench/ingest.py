@@ -14,6 +14,7 @@ as one JSON object on stdout. Progress goes to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -293,12 +294,12 @@ class CpuWatch:
         self._collector = psutil.Process(collector_pid)
         self._client = psutil.Process()
         self._t0 = time.monotonic()
-        self._c0, self._p0 = _cpu(self._collector), _cpu(self._client)
+        self._c0, self._p0 = _tree_cpu(self._collector), _cpu(self._client)
         self._m0 = _busy(psutil.cpu_times())
 
     def stop(self) -> None:
         self.wall_s = time.monotonic() - self._t0
-        self.collector_s = _cpu(self._collector) - self._c0
+        self.collector_s = _tree_cpu(self._collector) - self._c0
         self.client_s = _cpu(self._client) - self._p0
         self.busy_s = _busy(psutil.cpu_times()) - self._m0
         self.other_s = max(0.0, self.busy_s - self.collector_s - self.client_s)
@@ -307,6 +308,15 @@ class CpuWatch:
 def _cpu(process: psutil.Process) -> float:
     t = process.cpu_times()
     return float(t.user + t.system)
+
+
+def _tree_cpu(process: psutil.Process) -> float:
+    """CPU of the process and its children (the collector's decode workers)."""
+    total = _cpu(process)
+    for child in process.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += _cpu(child)
+    return total
 
 
 def _busy(t: Any) -> float:
@@ -332,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hosts", type=int, default=10_000, help="workstations in the fleet")
     parser.add_argument("--heavy", type=int, default=30, help="of which heavy copiers")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--decode-workers", type=int, help="the collector's `serve --decode-workers` (default: its)"
+    )
     parser.add_argument("--keep", type=Path, help="keep the data in this directory")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
@@ -340,7 +353,10 @@ def main(argv: list[str] | None = None) -> int:
         tmp = args.keep or Path(tmpdir)
         tmp.mkdir(parents=True, exist_ok=True)
         progress(f"starting collector in {tmp}")
-        collector = start_collector(tmp)
+        serve_args = []
+        if args.decode_workers is not None:
+            serve_args = ["--decode-workers", str(args.decode_workers)]
+        collector = start_collector(tmp, serve_args=serve_args)
         try:
             hosts = fleet(args.hosts, args.heavy, rng)
             end_ns = time.time_ns()
@@ -390,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         "events": stored,
         "batch_size": args.batch,
         "agents": args.agents,
+        "decode_workers": args.decode_workers,
         "batches": n_batches,
         "wire_bytes_per_event": round(wire / stored, 1),
         "policy": str(POLICY.relative_to(POLICY.parent.parent)),

@@ -2,4 +2,5 @@
 
 from collector.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # not again in a decode worker (multiprocessing spawn)
+    raise SystemExit(main())

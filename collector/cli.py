@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, TextIO
 from collector import __version__, cli_console, pki
 from collector import policy as policy_mod
 from collector.audit import verify_store
+from collector.decoding import PoolDecoder, default_workers
 from collector.directory import load_directory
 from collector.dryrun import dry_run
 from collector.enroll import Enrollment
@@ -51,6 +52,17 @@ def duration_arg(text: str) -> int:
         return policy_mod.parse_duration(text.strip())
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def workers_arg(text: str) -> int:
+    """A worker count: 0 to 64."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 64:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to 64, got {text!r}")
+    return n
 
 
 def open_store(data: Path) -> SqliteStore:
@@ -94,10 +106,14 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     policy = load_policy(args.policy)
     authority = pki.Authority.load(args.data)
     store = open_store(args.data)
+    decoder: PoolDecoder | None = None
     try:
         directory = load_directory(args.directory) if args.directory else None
         settings = IngestSettings(max_future_skew_ns=args.max_future_skew)
-        ingest = Ingestor(store, policy, settings, directory)
+        if args.decode_workers:
+            decoder = PoolDecoder(args.decode_workers)
+            decoder.start()  # the workers import while the ports are bound
+        ingest = Ingestor(store, policy, settings, directory, decoder)
         holder: dict[str, int] = {}
         handlers = Handlers(
             ingest,
@@ -152,6 +168,8 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         if ingest.restore_error is not None:
             raise StoreError(f"stopped: {ingest.restore_error}")
     finally:
+        if decoder is not None:
+            decoder.close()
         store.close()
     return 0
 
@@ -376,6 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--directory", type=Path,
         help="users' departments and watchlists for the long rules (CSV or LDIF export)",
+    )  # fmt: skip
+    p.add_argument(
+        "--decode-workers", type=workers_arg, default=default_workers(),
+        help="processes that verify and decode uploads beside the writer; 0: in the RPC"
+        f" threads (default: one per CPU but one, at most 4: {default_workers()} here)",
     )  # fmt: skip
     p.add_argument("--no-console", action="store_true", help="do not serve the web console")
     p.add_argument(

@@ -10,6 +10,7 @@ CollectorError
 │   └── ThrottledError          too many recent failures for this account or address
 ├── TriageError             illegal status change, missing reason, bad assignee or note (exit 2)
 ├── TrailError              a trail entry that cannot be recorded (exit code 2)
+├── DecoderUnavailableError a decode worker died or is stopping  -> UNAVAILABLE (retried)
 └── IngestError             a batch was refused (nothing stored)
     ├── MalformedBatchError     cannot be parsed / fields invalid      -> INVALID_ARGUMENT
     ├── UnknownAgentError       no enrolled agent for this identity    -> UNAUTHENTICATED
@@ -80,6 +81,11 @@ class TrailError(CollectorError):
     """A trail entry that cannot be recorded (unknown action, bad actor or detail)."""
 
     exit_code = 2
+
+
+class DecoderUnavailableError(CollectorError):
+    """An upload could not be verified and decoded for want of a worker (one died, or the
+    collector is stopping). Not the agent's fault: it sends the batch again."""
 
 
 class IngestError(CollectorError):

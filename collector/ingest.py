@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from collector import restore
 from collector.codec import decode_signed_batch
+from collector.decoding import Decoder, InlineDecoder
 from collector.detection.engine import LongRuleEngine
 from collector.detection.sqlhistory import SqlHistory
 from collector.directory import Directory
@@ -38,7 +39,7 @@ from collector.render import human_duration
 from collector.rpc import Ack, Heartbeat, HeartbeatReply
 from collector.store import AfterEvents, BatchWrite, PreparedBatch, SqliteStore
 from collector.thresholds import ThresholdEngine
-from collector.verify import future_skew_ns, verify_batch
+from collector.verify import future_skew_ns
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +88,12 @@ class Ingestor:
         policy: Policy,
         settings: IngestSettings | None = None,
         directory: Directory | None = None,
+        decoder: Decoder | None = None,
     ) -> None:
+        """`decoder` verifies and decodes uploads (default: in the caller's thread); the
+        caller owns it and closes it after the server stopped."""
         self._store = store
+        self._decoder = decoder or InlineDecoder()
         self._policy = policy
         self._settings = settings or IngestSettings()
         self._directory = directory or Directory()
@@ -212,14 +217,11 @@ class Ingestor:
             body, signature, key_id = decode_signed_batch(raw)
             agent = self._store.get_agent_key(tls_agent_id) if tls_agent_id else None
             head = self._store.chain_head(agent.agent_id) if agent is not None else None
-            batch = verify_batch(
-                signed=(body, signature, key_id), tls_agent_id=tls_agent_id, agent=agent, last=head
-            )
-            # Verify and build the rows on this thread, before queueing for the writer:
-            # other batches are written meanwhile (SQLite releases the GIL while it works).
-            pending = _Pending(
-                self._store.prepare(batch), now_ns, self._future_alert(batch, now_ns)
-            )
+            # Verify and build the rows before queueing for the writer (in a worker process,
+            # or on this thread): other batches are written meanwhile.
+            prepared = self._decoder.prepare((body, signature, key_id), tls_agent_id, agent, head)
+            batch = prepared.batch
+            pending = _Pending(prepared, now_ns, self._future_alert(batch, now_ns))
             self._wait_restored()
             result = self._commits.submit(pending)
         except IngestError as e:

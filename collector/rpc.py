@@ -23,6 +23,7 @@ from collector.enroll import Enrollment, EnrollRequest
 from collector.errors import (
     ChainError,
     CollectorError,
+    DecoderUnavailableError,
     EnrollmentError,
     IdentityMismatchError,
     MalformedBatchError,
@@ -50,6 +51,7 @@ _STATUS: tuple[tuple[type[CollectorError], grpc.StatusCode], ...] = (
     (SequenceGapError, grpc.StatusCode.FAILED_PRECONDITION),
     (ChainError, grpc.StatusCode.FAILED_PRECONDITION),
     (EnrollmentError, grpc.StatusCode.PERMISSION_DENIED),
+    (DecoderUnavailableError, grpc.StatusCode.UNAVAILABLE),
 )
 
 

@@ -121,10 +121,12 @@ def run_cli(module: str, *args: str, check: bool = True) -> subprocess.Completed
 class Collector:
     """`exfilwatch-collector serve` on free ports, with its data directory."""
 
-    def __init__(self, data: Path, policy: Path, log: Path) -> None:
+    def __init__(self, data: Path, policy: Path, log: Path, serve_args: Sequence[str] = ()) -> None:
         self.data = data
         self.policy = policy
         self.log = log
+        self.serve_args = tuple(serve_args)
+        """More `serve` options, after the ones every test needs."""
         self.proc: Proc | None = None
         self.agents = ""
         self.enroll = ""
@@ -152,6 +154,7 @@ class Collector:
                 str(self.policy),
                 "--console-listen",
                 "127.0.0.1:0",  # the console's default port is fixed; tests run side by side
+                *self.serve_args,
             ],
             self.log,
         )
