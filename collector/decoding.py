@@ -169,15 +169,18 @@ class PoolDecoder:
     ) -> PreparedBatch:
         pool = self._current()
         try:
-            future: Future[PreparedBatch] = pool.submit(
-                _verify_and_prepare_remote, signed, tls_agent_id, agent, head
-            )
+            try:
+                future: Future[PreparedBatch] = pool.submit(
+                    _verify_and_prepare_remote, signed, tls_agent_id, agent, head
+                )
+            except BrokenProcessPool:
+                raise
+            except RuntimeError as e:  # submit after shutdown: close() raced this upload
+                raise DecoderUnavailableError(f"the decode workers are stopping: {e}") from e
             light = future.result()
         except BrokenProcessPool as e:
             self._broken(pool)
             raise DecoderUnavailableError("a decode worker died; the batch was not stored") from e
-        except RuntimeError as e:  # submit after shutdown: close() raced this upload
-            raise DecoderUnavailableError(f"the decode workers are stopping: {e}") from e
         b = light.batch
         body, signature, key_id = signed
         batch = VerifiedBatch(
