@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from collector import pki
+from collector.decoding import PoolDecoder
 from collector.enroll import Enrollment
 from collector.ingest import Ingestor
 from collector.policy import load_policy
@@ -47,13 +48,19 @@ class InProcessCollector:
 
 
 @pytest.fixture
-def inproc_collector(tmp_path: Path) -> Iterator[InProcessCollector]:
+def inproc_collector(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[InProcessCollector]:
+    """A collector server in this process. Indirect parameter: its number of decode worker
+    processes (default 0: uploads are decoded in the server's threads)."""
     data = tmp_path / "collector"
     pki.init_pki(data)
     authority = pki.Authority.load(data)
     store = SqliteStore.open(data / "collector.db")
     policy = load_policy(POLICY)
-    ingest = Ingestor(store, policy)
+    workers = int(getattr(request, "param", 0))
+    decoder = PoolDecoder(workers) if workers else None
+    ingest = Ingestor(store, policy, decoder=decoder)
     ingest.restore(time.time_ns())
     ports: dict[str, int] = {}
     handlers = Handlers(
@@ -73,6 +80,8 @@ def inproc_collector(tmp_path: Path) -> Iterator[InProcessCollector]:
         yield InProcessCollector(data, store, authority, bound)
     finally:
         bound.server.stop(grace=None).wait()
+        if decoder is not None:
+            decoder.close()
         store.close()
 
 

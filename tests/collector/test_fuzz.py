@@ -1,7 +1,8 @@
 """10,000 malformed or random UploadBatch requests against the real server over mutual TLS.
 
 Each must get a clean INVALID_ARGUMENT, UNAUTHENTICATED or PERMISSION_DENIED, the server
-must keep serving, and nothing may be stored.
+must keep serving, and nothing may be stored. Uploads are decoded in a worker process, as
+`serve` does by default on more than one CPU (collector.decoding).
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def requests(signer: Signer, agent_id: str) -> st.SearchStrategy[bytes]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("inproc_collector", [1], indirect=True, ids=["decode-worker"])
 def test_fuzzed_uploads_are_refused_cleanly(
     inproc_collector: InProcessCollector, raw_client: tuple[Raw, Signer, str]
 ) -> None:
