@@ -6,10 +6,13 @@ root on sys.path before importing this module and `tests.procs`.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+import psutil
 
 from tests.procs import ROOT, Collector, run_cli
 
@@ -46,6 +49,17 @@ def enroll(collector: Collector, state: Path, hostname: str) -> None:
         "--hostname",
         hostname,
     )
+
+
+def cpu_seconds(process: psutil.Process, *, children: bool = False) -> float:
+    """User + system CPU seconds of `process` (and with `children`, of its descendants,
+    such as the collector's decode workers; one that exits meanwhile is skipped)."""
+    total = 0.0
+    for p in (process, *(process.children(recursive=True) if children else ())):
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
 
 
 def percentile(sorted_values: list[float], q: float) -> float:

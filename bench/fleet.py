@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psutil
 
-from bench.common import POLICY, percentile, progress
+from bench.common import POLICY, cpu_seconds, percentile, progress
 from tests.procs import Collector, Proc
 
 TARGET_EVENTS_PER_S = 20_000
@@ -631,16 +631,12 @@ def tree_rss(process: psutil.Process) -> int:
     return total
 
 
-def cpu_seconds(pids: list[int], *, children: bool = False) -> float:
-    """CPU seconds of the processes (and with `children`, of theirs)."""
+def pids_cpu(pids: list[int], *, children: bool = False) -> float:
+    """CPU seconds of the processes still there (and with `children`, of theirs)."""
     total = 0.0
     for pid in pids:
         with contextlib.suppress(psutil.Error):
-            process = psutil.Process(pid)
-            for p in (process, *(process.children(recursive=True) if children else ())):
-                with contextlib.suppress(psutil.Error):
-                    t = p.cpu_times()
-                    total += t.user + t.system
+            total += cpu_seconds(psutil.Process(pid), children=children)
     return total
 
 
@@ -744,8 +740,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         db = collector.data / "collector.db"
         m0 = time.monotonic()
         rows0 = db_count(db)
-        cpu_c0, cpu_w0 = cpu_seconds([sampler.pid], children=True), cpu_seconds(worker_pids)
-        cpu_p0 = cpu_seconds([os.getpid()])
+        cpu_c0, cpu_w0 = pids_cpu([sampler.pid], children=True), pids_cpu(worker_pids)
+        cpu_p0 = pids_cpu([os.getpid()])
         sys0 = psutil.cpu_times()
         last_rows, last_t = rows0, m0
         while (left := m0 + args.seconds - time.monotonic()) > 0:
@@ -755,8 +751,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             last_rows, last_t = rows, now
         rows1 = db_count(db)
         m1 = time.monotonic()
-        cpu_c1, cpu_w1 = cpu_seconds([sampler.pid], children=True), cpu_seconds(worker_pids)
-        cpu_p1 = cpu_seconds([os.getpid()])
+        cpu_c1, cpu_w1 = pids_cpu([sampler.pid], children=True), pids_cpu(worker_pids)
+        cpu_p1 = pids_cpu([os.getpid()])
         sys1 = psutil.cpu_times()
         conns_loaded = count_connections(sampler.pid, agent_addr)
         measured = m1 - m0

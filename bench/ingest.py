@@ -14,7 +14,6 @@ as one JSON object on stdout. Progress goes to stderr.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import math
@@ -50,7 +49,7 @@ from agent.events import (
 )
 from agent.identity import SIGNING_KEY, Identity
 from agent.signer import GENESIS_DIGEST, Signer, batch_digest
-from bench.common import POLICY, enroll, progress, start_collector
+from bench.common import POLICY, cpu_seconds, enroll, progress, start_collector
 from collector import queries
 from collector.codec import decode_batch_body
 from collector.models import AgentId
@@ -294,29 +293,16 @@ class CpuWatch:
         self._collector = psutil.Process(collector_pid)
         self._client = psutil.Process()
         self._t0 = time.monotonic()
-        self._c0, self._p0 = _tree_cpu(self._collector), _cpu(self._client)
+        self._c0 = cpu_seconds(self._collector, children=True)
+        self._p0 = cpu_seconds(self._client)
         self._m0 = _busy(psutil.cpu_times())
 
     def stop(self) -> None:
         self.wall_s = time.monotonic() - self._t0
-        self.collector_s = _tree_cpu(self._collector) - self._c0
-        self.client_s = _cpu(self._client) - self._p0
+        self.collector_s = cpu_seconds(self._collector, children=True) - self._c0
+        self.client_s = cpu_seconds(self._client) - self._p0
         self.busy_s = _busy(psutil.cpu_times()) - self._m0
         self.other_s = max(0.0, self.busy_s - self.collector_s - self.client_s)
-
-
-def _cpu(process: psutil.Process) -> float:
-    t = process.cpu_times()
-    return float(t.user + t.system)
-
-
-def _tree_cpu(process: psutil.Process) -> float:
-    """CPU of the process and its children (the collector's decode workers)."""
-    total = _cpu(process)
-    for child in process.children(recursive=True):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            total += _cpu(child)
-    return total
 
 
 def _busy(t: Any) -> float:

@@ -16,6 +16,7 @@ worker that dies (killed, out of memory) fails the uploads it held with
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -27,7 +28,6 @@ from multiprocessing.process import BaseProcess
 from typing import Protocol
 
 from collector.errors import DecoderUnavailableError
-from collector.models import VerifiedBatch
 from collector.store import PreparedBatch, SqliteStore
 from collector.verify import AgentKey, ChainHead, verify_batch
 
@@ -53,10 +53,7 @@ def _verify_and_prepare_remote(
     """In a worker: as `verify_and_prepare`, sending back neither the body nor the signature
     (the caller has them)."""
     prepared = verify_and_prepare(signed, tls_agent_id, agent, head)
-    b = prepared.batch
-    light = VerifiedBatch(
-        b.agent_id, b.batch_seq, b.digest, b.prev_digest, b.sealed_at_ns, b"", b"", b"", b.events
-    )
+    light = dataclasses.replace(prepared.batch, body=b"", signature=b"", key_id=b"")
     return PreparedBatch(light, prepared.rows)
 
 
@@ -126,10 +123,6 @@ class PoolDecoder:
         self._pool: ProcessPoolExecutor | None = None
         self._closed = False
 
-    @property
-    def workers(self) -> int:
-        return self._workers
-
     def start(self) -> None:
         pool = self._current()
         for _ in range(self._workers):
@@ -181,12 +174,8 @@ class PoolDecoder:
         except BrokenProcessPool as e:
             self._broken(pool)
             raise DecoderUnavailableError("a decode worker died; the batch was not stored") from e
-        b = light.batch
         body, signature, key_id = signed
-        batch = VerifiedBatch(
-            b.agent_id, b.batch_seq, b.digest, b.prev_digest, b.sealed_at_ns,
-            body, signature, key_id, b.events,
-        )  # fmt: skip
+        batch = dataclasses.replace(light.batch, body=body, signature=signature, key_id=key_id)
         return PreparedBatch(batch, light.rows)
 
     def close(self) -> None:
