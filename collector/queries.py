@@ -343,20 +343,27 @@ def insert_events(con: sqlite3.Connection, rows: Sequence[tuple[object, ...]]) -
 
 
 def insert_new_events(
-    con: sqlite3.Connection, batch: VerifiedBatch, rows: Sequence[tuple[object, ...]]
-) -> tuple[StoredEvent, ...]:
-    """Insert the batch's events whose ids are not stored yet; return those.
+    con: sqlite3.Connection, batches: Sequence[VerifiedBatch], rows: Sequence[tuple[object, ...]]
+) -> list[tuple[StoredEvent, ...]]:
+    """Insert the batches' events whose ids are not stored yet; return those, per batch.
 
-    `rows` are the batch's `event_rows`, in event order (see `insert_new_rows`).
+    `rows` are the batches' `event_rows`, one batch after another, each in event order
+    (see `insert_new_rows`: an id repeated in a later batch is skipped there).
     """
     skipped = insert_new_rows(con, rows)
-    if not skipped:
-        return batch.events
-    logger.warning(
-        "agent %s batch %d: skipping %d events stored before",
-        batch.agent_id, batch.batch_seq, len(skipped),
-    )  # fmt: skip
-    return tuple(ev for i, ev in enumerate(batch.events) if i not in skipped)
+    new: list[tuple[StoredEvent, ...]] = []
+    offset = 0
+    for batch in batches:
+        events = batch.events
+        if skipped and any(offset + i in skipped for i in range(len(events))):
+            events = tuple(ev for i, ev in enumerate(events) if offset + i not in skipped)
+            logger.warning(
+                "agent %s batch %d: skipping %d events stored before",
+                batch.agent_id, batch.batch_seq, len(batch.events) - len(events),
+            )  # fmt: skip
+        offset += len(batch.events)
+        new.append(events)
+    return new
 
 
 def insert_new_rows(con: sqlite3.Connection, rows: Sequence[tuple[object, ...]]) -> set[int]:

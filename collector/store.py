@@ -671,7 +671,7 @@ def _write_batches(con: sqlite3.Connection, writes: Sequence[BatchWrite]) -> lis
         8,
     )  # fmt: skip
     rows = [row for w in writes for row in w.batch.rows]
-    new = _insert_new(con, writes, rows)
+    new = queries.insert_new_events(con, [w.batch.batch for w in writes], rows)
     seen: dict[str, int] = {}
     for w in writes:
         agent_id = w.batch.batch.agent_id
@@ -708,27 +708,6 @@ def _write_batches(con: sqlite3.Connection, writes: Sequence[BatchWrite]) -> lis
             StoreResult(duplicate=False, events_stored=len(events), alerts_opened=opened)
         )
     return results
-
-
-def _insert_new(
-    con: sqlite3.Connection, writes: Sequence[BatchWrite], rows: Sequence[tuple[object, ...]]
-) -> list[tuple[StoredEvent, ...]]:
-    """Insert the batches' events not stored yet (`rows`, theirs in order); return those."""
-    skipped = queries.insert_new_rows(con, rows)
-    new: list[tuple[StoredEvent, ...]] = []
-    offset = 0
-    for w in writes:
-        b = w.batch.batch
-        events = b.events
-        if skipped and any(offset + i in skipped for i in range(len(events))):
-            events = tuple(ev for i, ev in enumerate(events) if offset + i not in skipped)
-            logger.warning(
-                "agent %s batch %d: skipping %d events stored before",
-                b.agent_id, b.batch_seq, len(b.events) - len(events),
-            )  # fmt: skip
-        offset += len(b.events)
-        new.append(events)
-    return new
 
 
 def _migrate(con: sqlite3.Connection) -> None:

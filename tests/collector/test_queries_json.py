@@ -129,10 +129,10 @@ def test_insert_new_events_skips_stored_ids_in_one_statement_or_several(variable
         for i in range(10)
     ]
     con.execute("BEGIN")
-    assert insert_new_events(con, _batch(events[7:8]), list(event_rows(events[7:8]))) == (
-        events[7],
-    )
-    stored = insert_new_events(con, _batch(events), list(event_rows(events)))
+    assert insert_new_events(con, [_batch(events[7:8])], list(event_rows(events[7:8]))) == [
+        (events[7],)
+    ]
+    (stored,) = insert_new_events(con, [_batch(events)], list(event_rows(events)))
     con.execute("COMMIT")
     assert stored == tuple(events[:7] + events[8:])
     rows = con.execute("SELECT event_id FROM events ORDER BY seq").fetchall()
