@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,11 +29,8 @@ from agent.events import (
     UserInfo,
 )
 from tests.agent.pipeline_harness import (
-    Dirs,
     Harness,
-    harness_factory,
     labelled,
-    make_dirs,
     wait_indexed,
 )
 
@@ -249,16 +246,6 @@ def test_access_configuration_errors_name_the_key(tmp_path: Path, access: str, m
 
 
 # the pipeline, with a real watcher and real readers
-
-
-@pytest.fixture
-def dirs(tmp_path: Path) -> Dirs:
-    return make_dirs(tmp_path)
-
-
-@pytest.fixture
-def harness(dirs: Dirs) -> Iterator[Callable[..., Harness]]:
-    yield from harness_factory(dirs)
 
 
 def reads_of(h: Harness, path: Path) -> list[Event]:

@@ -11,14 +11,12 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
 from agent.events import Action, Event
 from agent.pipeline import GapReason
-from tests.agent.pipeline_harness import Dirs, Harness, harness_factory, labelled, make_dirs
+from tests.agent.pipeline_harness import Dirs, Harness, labelled
 
 pytestmark = pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning")
 
@@ -45,16 +43,6 @@ for i in range(n):
         f.write(data)
 print("%.3f" % (time.monotonic() - start))
 """
-
-
-@pytest.fixture
-def dirs(tmp_path: Path) -> Dirs:
-    return make_dirs(tmp_path)
-
-
-@pytest.fixture
-def harness(dirs: Dirs) -> Iterator[Callable[..., Harness]]:
-    yield from harness_factory(dirs)
 
 
 def burst(dirs: Dirs, h: Harness) -> tuple[set[bytes], float, float]:

@@ -28,16 +28,6 @@ from tests.agent.pipeline_harness import (
 pytestmark = pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning")
 
 
-@pytest.fixture
-def dirs(tmp_path: Path) -> Dirs:
-    return make_dirs(tmp_path)
-
-
-@pytest.fixture
-def harness(dirs: Dirs) -> Iterator[Callable[..., Harness]]:
-    yield from harness_factory(dirs)
-
-
 def run(*args: str | Path) -> None:
     subprocess.run([str(a) for a in args], check=True, stdout=subprocess.DEVNULL)
 

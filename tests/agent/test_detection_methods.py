@@ -14,7 +14,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,7 +28,6 @@ from tests.agent.office_files import make_docx
 from tests.agent.pipeline_harness import (
     Dirs,
     Harness,
-    harness_factory,
     is_copy_to,
     labelled,
     make_dirs,
@@ -70,11 +69,6 @@ def dirs(tmp_path: Path) -> Dirs:
     d = make_dirs(tmp_path)
     labels = replace(d.config.labels, content=ContentConfig(mip={GUID: "secret"}))
     return replace(d, config=replace(d.config, labels=labels))
-
-
-@pytest.fixture
-def harness(dirs: Dirs) -> Iterator[Callable[..., Harness]]:
-    yield from harness_factory(dirs)
 
 
 @pytest.fixture

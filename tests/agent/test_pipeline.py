@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,26 +27,12 @@ from tests.agent.pipeline_harness import (
     STICK,
     TIMEOUT,
     XATTR,
-    Dirs,
     FakeClock,
-    Harness,
-    harness_factory,
     labelled,
-    make_dirs,
 )
 
 # See test_watcher.py: this watchdog warning, raised as an error, kills its reader thread.
 pytestmark = pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning")
-
-
-@pytest.fixture
-def dirs(tmp_path: Path) -> Dirs:
-    return make_dirs(tmp_path)
-
-
-@pytest.fixture
-def harness(dirs: Dirs) -> Iterator[Callable[..., Harness]]:
-    yield from harness_factory(dirs)
 
 
 # the walking-skeleton scenario

@@ -7,7 +7,7 @@ import shutil
 import stat
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,12 +16,8 @@ from agent.errors import ReportedStoreError
 from agent.events import Action, Sha256Hex
 from agent.reported import CopyIdentity, ReportedCopies
 from tests.agent.pipeline_harness import (
-    Dirs,
-    Harness,
     ShiftedClock,
-    harness_factory,
     labelled,
-    make_dirs,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning")
@@ -110,16 +106,6 @@ def test_an_unusable_location_is_a_domain_error(tmp_path: Path) -> None:
 
 
 # the pipeline across restarts
-
-
-@pytest.fixture
-def dirs(tmp_path: Path) -> Dirs:
-    return make_dirs(tmp_path)
-
-
-@pytest.fixture
-def harness(dirs: Dirs) -> Iterator[Callable[..., Harness]]:
-    yield from harness_factory(dirs)
 
 
 def test_copies_made_while_down_are_reported_and_earlier_ones_not_again(

@@ -7,8 +7,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
@@ -17,11 +16,8 @@ from agent.pipeline import GapReason
 from agent.supervisor import RestartBudget, Supervisor, restart_watcher
 from tests.agent.pipeline_harness import (
     TIMEOUT,
-    Dirs,
     Harness,
-    harness_factory,
     labelled,
-    make_dirs,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning")
@@ -34,16 +30,6 @@ def test_the_restart_budget_is_a_sliding_window() -> None:
     assert not budget.allow(20.0)
     assert budget.allow(60.0)  # the first one left the window
     assert not budget.allow(65.0)
-
-
-@pytest.fixture
-def dirs(tmp_path: Path) -> Dirs:
-    return make_dirs(tmp_path)
-
-
-@pytest.fixture
-def harness(dirs: Dirs) -> Iterator[Callable[..., Harness]]:
-    yield from harness_factory(dirs)
 
 
 def supervise(h: Harness, **budgets: RestartBudget) -> Supervisor:
