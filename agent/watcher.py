@@ -129,7 +129,7 @@ _KINDS: dict[type[FileSystemEvent], ObservationKind] = {
 # The filter narrows the kernel mask (no IN_OPEN / IN_MODIFY / IN_ATTRIB): with the
 # default mask a burst lost 74-78 % of files on tmpfs, with this one 0 % (FIELD-NOTES
 # §1.5). Directory moves need no entry: watchdog emits FileMovedEvent per file inside.
-_EVENT_FILTER: list[type[FileSystemEvent]] = [
+EVENT_FILTER: list[type[FileSystemEvent]] = [
     FileClosedEvent,
     FileMovedEvent,
     FileCreatedEvent,
@@ -363,8 +363,8 @@ class Watcher:
         self._queue = observations
         reads = [FileClosedNoWriteEvent] if observe_reads else []
         self._filters = {
-            Role.SENSITIVE: [*_EVENT_FILTER, *_SENSITIVE_EXTRA, *reads],
-            Role.DESTINATION: [*_EVENT_FILTER, *reads],
+            Role.SENSITIVE: [*EVENT_FILTER, *_SENSITIVE_EXTRA, *reads],
+            Role.DESTINATION: [*EVENT_FILTER, *reads],
         }
         self.now = monotonic
         self._raise_to = raise_watch_limit_to

@@ -43,16 +43,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psutil
-from watchdog.events import (
-    DirCreatedEvent,
-    DirDeletedEvent,
-    FileClosedEvent,
-    FileCreatedEvent,
-    FileDeletedEvent,
-    FileMovedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-)
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from agent.attribution import Attributor
@@ -63,7 +54,7 @@ from agent.events import DestinationClass, Event
 from agent.index import FileHasher, Scanner, SensitiveIndex
 from agent.labels import Labeller
 from agent.pipeline import Pipeline
-from agent.watcher import ObservationQueue, Role, Watcher
+from agent.watcher import EVENT_FILTER, ObservationQueue, Role, Watcher
 from bench.common import enroll, progress, start_collector
 from tests.procs import Proc
 
@@ -78,16 +69,6 @@ EVENTS_PER_FILE = 2
 STALL_S = 3.0
 """A child stops waiting for more events after this long without one."""
 MiB = 1024**2
-
-# The destination filter of agent.watcher (the kernel mask that avoids overflows).
-BARE_FILTER: list[type[FileSystemEvent]] = [
-    FileClosedEvent,
-    FileMovedEvent,
-    FileCreatedEvent,
-    FileDeletedEvent,
-    DirCreatedEvent,
-    DirDeletedEvent,
-]
 
 
 # -- test data -------------------------------------------------------------------------
@@ -282,7 +263,7 @@ def child_events(mode: str, sensitive: Path, dest: Path, expected: int) -> int:
         observer = Observer()
         handler = Counter_()
         for root in (sensitive, dest):
-            observer.schedule(handler, os.fsencode(root), recursive=True, event_filter=BARE_FILTER)  # type: ignore[arg-type]
+            observer.schedule(handler, os.fsencode(root), recursive=True, event_filter=EVENT_FILTER)  # type: ignore[arg-type]
         observer.start()
 
         def counted() -> int:
