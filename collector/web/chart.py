@@ -15,9 +15,18 @@ import datetime as dt
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from collector.web.timeline import HEIGHT, MAX_DOTS, MAX_STEPS, WIDTH, nice_step, time_label
+from collector.web.timeline import (
+    BOTTOM,
+    HEIGHT,
+    LEFT,
+    MAX_DOTS,
+    MAX_STEPS,
+    RIGHT,
+    TOP,
+    WIDTH,
+    Axes,
+)
 
-LEFT, RIGHT, TOP, BOTTOM = 76, 16, 14, 34
 SEVERITY_COLOURS = {
     "low": "#1f5fbf",
     "medium": "#a15c00",
@@ -81,21 +90,8 @@ def build(
             drawn.append((name, value))
         else:
             above.append(f"{name} {label(value)}")
-    top = max([peak, *(v for _, v in drawn)]) * 1.1 or 1.0
-    step = nice_step(top)
-    top = step * (int(top // step) + 1)
-    t0, t1 = times[0], times[-1]
-    span = max(t1 - t0, 1)
-    x0, x1, y0, y1 = LEFT, WIDTH - RIGHT, HEIGHT - BOTTOM, TOP
-
-    def x(t: int) -> float:
-        if t1 == t0:
-            return (x0 + x1) / 2
-        return round(x0 + (t - t0) / span * (x1 - x0), 1)
-
-    def y(v: float) -> float:
-        return round(y0 - v / top * (y0 - y1), 1)
-
+    axes = Axes.fit(times, max([peak, *(v for _, v in drawn)]))
+    x, y = axes.x, axes.y
     kept: Sequence[int] = range(len(times))
     if len(times) > MAX_STEPS:
         every = -(-len(times) // (MAX_STEPS - 2))
@@ -111,12 +107,6 @@ def build(
         prev = values[i]
     every_dot = max(1, len(times) // MAX_DOTS)
     dots = tuple((x(t), y(v)) for t, v in list(zip(times, values, strict=True))[::every_dot])
-    y_ticks = tuple((y(i * step), label(i * step)) for i in range(int(top // step) + 1))
-    x_ticks = tuple((x(t0 + span * i // 4), time_label(t0 + span * i // 4, span)) for i in range(5))
-    if t1 == t0:
-        x_ticks = ((x(t0), time_label(t0, 0)),)
-    names = [name for _, name in x_ticks]
-    x_ticks = tuple(tick for i, tick in enumerate(x_ticks) if tick[1] not in names[:i])
     return Chart(
         width=WIDTH,
         height=HEIGHT,
@@ -126,8 +116,8 @@ def build(
             Level(y(value), f"{name} {label(value)}", SEVERITY_COLOURS.get(name, "#c62828"))
             for name, value in drawn
         ),
-        x_ticks=x_ticks,
-        y_ticks=y_ticks,
+        x_ticks=axes.x_ticks(),
+        y_ticks=axes.y_ticks(label),
         above=tuple(above),
     )
 

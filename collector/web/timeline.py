@@ -9,7 +9,7 @@ Pure: it computes numbers; the template draws them with presentation attributes 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from collector.render import human_bytes
@@ -75,6 +75,49 @@ def nice_step(top: float, ticks: int = 4) -> float:
     return 10.0 * magnitude
 
 
+@dataclass(frozen=True)
+class Axes:
+    """The scales of a plot: times from `t0` to `t1` across, values from 0 to `top` (a round
+    number above the highest value, ticks every `step`) up. Shared with collector.web.chart."""
+
+    t0: int
+    t1: int
+    top: float
+    step: float
+
+    @classmethod
+    def fit(cls, times: Sequence[int], highest: float) -> Axes:
+        """Axes for ascending `times` and values up to `highest`."""
+        top = highest * 1.1 or 1.0
+        step = nice_step(top)
+        return cls(times[0], times[-1], step * (int(top // step) + 1), step)
+
+    def x(self, t: int) -> float:
+        x0, x1 = LEFT, WIDTH - RIGHT
+        if self.t1 == self.t0:
+            return (x0 + x1) / 2
+        return round(x0 + (t - self.t0) / max(self.t1 - self.t0, 1) * (x1 - x0), 1)
+
+    def y(self, v: float) -> float:
+        y0, y1 = HEIGHT - BOTTOM, TOP
+        return round(y0 - v / self.top * (y0 - y1), 1)
+
+    def y_ticks(self, label: Callable[[float], str]) -> tuple[tuple[float, str], ...]:
+        values = [i * self.step for i in range(int(self.top // self.step) + 1)]
+        return tuple((self.y(v), label(v)) for v in values)
+
+    def x_ticks(self) -> tuple[tuple[float, str], ...]:
+        """Five times across (one when all points share a time), without repeated labels."""
+        t0, span = self.t0, max(self.t1 - self.t0, 1)
+        ticks = tuple(
+            (self.x(t0 + span * i // 4), time_label(t0 + span * i // 4, span)) for i in range(5)
+        )
+        if self.t1 == t0:
+            ticks = ((self.x(t0), time_label(t0, 0)),)
+        labels = [label for _, label in ticks]
+        return tuple(tick for i, tick in enumerate(ticks) if tick[1] not in labels[:i])
+
+
 def build(
     points: Sequence[tuple[int, int]],
     *,
@@ -99,21 +142,8 @@ def build(
         total += 1 if unit == "files" else size
         times.append(t)
         values.append(total)
-    t0, t1 = times[0], times[-1]
-    span = max(t1 - t0, 1)
-    top = max(total, threshold or 0) * 1.1 or 1.0
-    step = nice_step(top)
-    top = step * (int(top // step) + 1)
-    x0, x1, y0, y1 = LEFT, WIDTH - RIGHT, HEIGHT - BOTTOM, TOP
-
-    def x(t: int) -> float:
-        if t1 == t0:
-            return (x0 + x1) / 2
-        return round(x0 + (t - t0) / span * (x1 - x0), 1)
-
-    def y(v: float) -> float:
-        return round(y0 - v / top * (y0 - y1), 1)
-
+    axes = Axes.fit(times, max(total, threshold or 0))
+    x, y = axes.x, axes.y
     crossing = None
     if threshold is not None:
         crossing = next((i for i, v in enumerate(values) if v >= threshold), None)
@@ -122,19 +152,13 @@ def build(
         kept = set(range(0, len(times), -(-len(times) // (MAX_STEPS - 2))))
         kept |= {len(times) - 1} | ({crossing} if crossing is not None else set())
         steps = sorted(kept)
-    parts = [f"M {x(t0)} {y(0)}"]
+    parts = [f"M {x(times[0])} {y(0)}"]
     prev = 0
     for i in steps:
         parts.append(f"L {x(times[i])} {y(prev)} L {x(times[i])} {y(values[i])}")
         prev = values[i]
     every = max(1, len(times) // MAX_DOTS)
     dots = tuple((x(t), y(v)) for t, v in list(zip(times, values, strict=True))[::every])
-    y_ticks = tuple((y(i * step), _label(i * step, unit)) for i in range(int(top // step) + 1))
-    x_ticks = tuple((x(t0 + span * i // 4), time_label(t0 + span * i // 4, span)) for i in range(5))
-    if t1 == t0:
-        x_ticks = ((x(t0), time_label(t0, 0)),)
-    labels = [label for _, label in x_ticks]
-    x_ticks = tuple(tick for i, tick in enumerate(x_ticks) if tick[1] not in labels[:i])
     crossed = None
     if crossing is not None:
         hit = times[crossing]
@@ -146,8 +170,8 @@ def build(
         dots=dots,
         threshold_y=None if threshold is None else y(threshold),
         threshold_label="" if threshold is None else f"threshold {_label(threshold, unit)}",
-        x_ticks=x_ticks,
-        y_ticks=y_ticks,
+        x_ticks=axes.x_ticks(),
+        y_ticks=axes.y_ticks(lambda v: _label(v, unit)),
         unit=unit,
         total_label=_label(total, unit),
         crossed_at=crossed,
