@@ -11,8 +11,6 @@ import contextlib
 import json
 import sqlite3
 
-import pytest
-
 from agent import codec
 from agent.events import (
     Action,
@@ -49,12 +47,6 @@ def member_event(seq: int, member: bytes) -> Event:
         detection=DetectionMethod.ARCHIVE_MEMBER,
         archive_member=member,
     )
-
-
-@pytest.fixture
-def store(tmp_path):
-    with SqliteStore.open(tmp_path / "collector.db") as s:
-        yield s
 
 
 def ingest(store: SqliteStore, events: list[Event]) -> None:

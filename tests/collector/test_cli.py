@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import pytest
 
-from collector.cli import main
+from tests.collector.clirun import run
 from tests.conftest import POLICY
-
-
-def run(*argv: str) -> tuple[int, str]:
-    out = io.StringIO()
-    rc = main(list(argv), out=out)
-    return rc, out.getvalue()
 
 
 def test_init_then_token_then_empty_lists(tmp_path: Path) -> None:

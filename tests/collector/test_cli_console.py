@@ -7,7 +7,6 @@ process (`main(argv, out)`) for the rest, on a real data directory.
 from __future__ import annotations
 
 import getpass
-import io
 import json
 import sqlite3
 import subprocess
@@ -16,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from collector.cli import main
 from collector.errors import AuthError
 from collector.store import SqliteStore
 from collector.trail import Trail
 from collector.triage import Triage
 from collector.users import Users
 from tests.collector.batches import T0
+from tests.collector.clirun import run
 from tests.procs import ROOT, env
 
 PW = "correct horse battery"
@@ -40,19 +39,6 @@ def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
         timeout=60,
         check=False,
     )
-
-
-def run(*argv: str) -> tuple[int, str]:
-    out = io.StringIO()
-    rc = main(list(argv), out=out)
-    return rc, out.getvalue()
-
-
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    d = tmp_path / "d"
-    assert run("init", "--data", str(d))[0] == 0
-    return d
 
 
 def raise_alert(data: Path, n: int = 1) -> int:

@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import pytest
 
-from collector.cli import main
 from collector.cli_console import default_actor
 from collector.store import SqliteStore
 from collector.trail import Trail
 from tests.collector.batches import enroll, new_agent
-
-
-def run(*argv: str) -> tuple[int, str]:
-    out = io.StringIO()
-    rc = main(list(argv), out=out)
-    return rc, out.getvalue()
-
-
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    d = tmp_path / "d"
-    assert run("init", "--data", str(d))[0] == 0
-    return d
+from tests.collector.clirun import run
 
 
 def test_revoke_is_a_trail_entry_and_the_chain_verifies(data: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 import sqlite3
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,12 +20,6 @@ from collector.store import SqliteStore
 from collector.thresholds import ThresholdEngine
 from tests.collector.batches import T0, BatchChain, Signed, enroll, make_body, new_agent
 from tests.conftest import POLICY
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqliteStore]:
-    with SqliteStore.open(tmp_path / "collector.db") as s:
-        yield s
 
 
 def test_twenty_copies_open_one_alert_and_later_ones_attach(store: SqliteStore) -> None:

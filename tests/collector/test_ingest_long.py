@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import yaml
@@ -41,12 +39,6 @@ long_rules:
     indicators: {first_seen_device: 10, coverage_gap_near: 7}
     tiers: {medium: 40, high: 80}
 """
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqliteStore]:
-    with SqliteStore.open(tmp_path / "collector.db") as s:
-        yield s
 
 
 def long_alerts(store: SqliteStore, rule: str) -> list[AlertRecord]:

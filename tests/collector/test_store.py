@@ -72,17 +72,6 @@ class OpenOnThird:
 
 
 @pytest.fixture
-def db_path(tmp_path):
-    return tmp_path / "collector.db"
-
-
-@pytest.fixture
-def store(db_path):
-    with SqliteStore.open(db_path) as s:
-        yield s
-
-
-@pytest.fixture
 def agent(store):
     a = new_agent()
     enroll(store, a)

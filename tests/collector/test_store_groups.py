@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -19,12 +19,6 @@ from tests.collector.batches import T0, BatchChain, Signed, TestAgent, enroll, n
 from tests.conftest import POLICY
 
 NOW = T0 + 3600 * 10**9
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqliteStore]:
-    with SqliteStore.open(tmp_path / "collector.db") as s:
-        yield s
 
 
 def no_decisions(event: StoredEvent) -> list[ThresholdDecision]:

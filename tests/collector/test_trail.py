@@ -6,7 +6,6 @@ import hashlib
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,17 +14,6 @@ from collector.errors import TrailError
 from collector.store import SqliteStore
 from collector.trail import GENESIS, Action, Trail
 from tests.collector.batches import T0
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "collector.db"
-
-
-@pytest.fixture
-def store(db_path: Path) -> Iterator[SqliteStore]:
-    with SqliteStore.open(db_path) as s:
-        yield s
 
 
 def fill(trail: Trail, n: int) -> None:

@@ -41,11 +41,6 @@ ALLOWED = {
 
 
 @pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "collector.db"
-
-
-@pytest.fixture
 def store(db_path: Path) -> Iterator[SqliteStore]:
     with SqliteStore.open(db_path) as s:
         cheap = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
