@@ -86,19 +86,24 @@ class Dirs:
     config: AgentConfig
 
 
+def skip_without_user_xattrs(folder: Path) -> None:
+    """Skip the test where the filesystem of `folder` rejects user xattrs (labels)."""
+    try:
+        os.setxattr(folder, XATTR, b"probe")
+        os.removexattr(folder, XATTR)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+            pytest.skip(f"filesystem of {folder} rejects user xattrs: {e}")
+        raise
+
+
 def make_dirs(tmp_path: Path, usb: Path | None = None) -> Dirs:
     """A sensitive root, a destination (`usb`, e.g. a tmpfs mount point) and an outside folder."""
     sensitive, outside = tmp_path / "sensitive", tmp_path / "outside"
     usb = usb or tmp_path / "usb"
     for path in (sensitive, usb, outside):
         path.mkdir(exist_ok=True)
-    try:
-        os.setxattr(sensitive, XATTR, b"probe")
-        os.removexattr(sensitive, XATTR)
-    except OSError as e:
-        if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
-            pytest.skip(f"filesystem of {tmp_path} rejects user xattrs: {e}")
-        raise
+    skip_without_user_xattrs(sensitive)
     config = AgentConfig(
         state_dir=tmp_path / "state",
         sensitive_roots=(sensitive,),

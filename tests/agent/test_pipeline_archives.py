@@ -7,7 +7,6 @@ gaps; an archive already reported is not reported again when renamed or copied.
 
 from __future__ import annotations
 
-import errno
 import io
 import os
 import queue
@@ -38,6 +37,7 @@ from agent.index import FileHasher, Scanner, SensitiveIndex
 from agent.labels import Labeller
 from agent.pipeline import GapReason, Pipeline
 from agent.watcher import Observation, ObservationKind, ObservationQueue, Role, Watcher
+from tests.agent.pipeline_harness import XATTR, skip_without_user_xattrs
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning"),
@@ -45,7 +45,6 @@ pytestmark = [
 ]
 
 TIMEOUT = 15.0
-XATTR = "user.exfilwatch.label"
 NON_UTF8 = b"r\xe9sum\xe9-\xff.docx"
 
 
@@ -138,13 +137,7 @@ def tree(tmp_path: Path) -> tuple[Path, Path, AgentConfig]:
     sensitive, usb = tmp_path / "sensitive", tmp_path / "usb"
     sensitive.mkdir()
     usb.mkdir()
-    try:
-        os.setxattr(sensitive, XATTR, b"probe")
-        os.removexattr(sensitive, XATTR)
-    except OSError as e:
-        if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
-            pytest.skip(f"filesystem of {tmp_path} rejects user xattrs: {e}")
-        raise
+    skip_without_user_xattrs(sensitive)
     config = AgentConfig(
         state_dir=tmp_path / "state",
         sensitive_roots=(sensitive,),
