@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import uuid
 
 from agent import __version__
 from agent.attribution import Attributor, open_attributor
@@ -20,7 +19,7 @@ from agent.config import AgentConfig
 from agent.copy_detector import CopyDetector
 from agent.destinations import Destinations, DestinationTracker, roots_for
 from agent.errors import AgentError
-from agent.events import Action, CoverageGap, Event, EventId
+from agent.events import Action, CoverageGap, Event, event_id_at
 from agent.identity import REVOKED, SIGNING_KEY, SPOOL, Identity
 from agent.index import FileHasher, SensitiveIndex
 from agent.pipeline import Pipeline
@@ -78,9 +77,10 @@ class AgentService:
     # events
 
     def _event(self, action: Action, gap: CoverageGap | None = None) -> Event:
+        wall_ns = self._clock.wall_ns()
         return Event(
-            event_id=EventId(str(uuid.uuid4())),
-            observed_at_ns=self._clock.wall_ns(),
+            event_id=event_id_at(wall_ns),
+            observed_at_ns=wall_ns,
             action=action,
             host=self._config.host,
             agent_version=__version__,

@@ -98,12 +98,6 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-def _uuid4(rng: random.Random) -> str:
-    """A canonical lowercase uuid4 string, cheaper than str(uuid.uuid4())."""
-    h = f"{(rng.getrandbits(128) & ~(0xF000 << 64 | 0xC << 60)) | (0x4000 << 64 | 0x8 << 60):032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
 def static_parts(hostname: str, index: int, rng: random.Random) -> list[bytes]:
     """Serialised Event fields 4.. (everything but event_id, seq, observed_at_ns) of copies
     a workstation could report: its user (now and then another), its USB stick, varied
@@ -224,6 +218,7 @@ class SimAgent:
 
     def events(self, n: int) -> list[bytes]:
         """n new events: fresh id, next seq, event time advancing by step_ns (never future)."""
+        from agent.events import event_id_at
         from exfilwatch.v1 import events_pb2
 
         out = []
@@ -231,8 +226,9 @@ class SimAgent:
         for _ in range(n):
             self.event_seq += 1
             t = min(self.start_ns + self.event_seq * self.step_ns, latest)
+            event_id = event_id_at(t, self.rng.getrandbits(62))
             head = events_pb2.Event(
-                event_id=_uuid4(self.rng), seq=self.event_seq, observed_at_ns=t
+                event_id=event_id, seq=self.event_seq, observed_at_ns=t
             ).SerializeToString(deterministic=True)
             out.append(head + self.parts[self.rng.randrange(len(self.parts))])
         return out

@@ -24,7 +24,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,10 +41,10 @@ from agent.events import (
     DetectionMethod,
     DeviceInfo,
     Event,
-    EventId,
     FileRef,
     ProcessInfo,
     UserInfo,
+    event_id_at,
 )
 from agent.identity import SIGNING_KEY, Identity
 from agent.signer import GENESIS_DIGEST, Signer, batch_digest
@@ -110,7 +109,7 @@ def copy_event(host: Host, seq: int, t_ns: int, rng: random.Random) -> Event:
             name="cp",
         )
     return Event(
-        event_id=EventId(str(uuid.UUID(int=rng.getrandbits(128), version=4))),
+        event_id=event_id_at(t_ns, rng.getrandbits(62)),
         observed_at_ns=t_ns,
         action=Action.COPY,
         host=host.name,

@@ -28,9 +28,10 @@ from agent.events import (
     Event,
     ProcessInfo,
     UserInfo,
+    event_id_at,
 )
 from agent.index import Entry, Hasher, SensitiveIndex, display
-from agent.pipeline.reporting import Reporter, file_ref, new_event_id
+from agent.pipeline.reporting import Reporter, file_ref
 from agent.watcher import Observation
 
 logger = logging.getLogger(__name__)
@@ -192,9 +193,10 @@ class AccessStage:
         user: UserInfo | None = None,
         method: AttributionMethod = AttributionMethod.UNATTRIBUTED,
     ) -> Event:
+        wall_ns = self._clock.wall_ns()
         return Event(
-            event_id=new_event_id(),
-            observed_at_ns=self._clock.wall_ns(),
+            event_id=event_id_at(wall_ns),
+            observed_at_ns=wall_ns,
             action=action,
             host=self._config.host,
             agent_version=__version__,

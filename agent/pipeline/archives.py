@@ -28,9 +28,10 @@ from agent.events import (
     ProcessInfo,
     Sha256Hex,
     UserInfo,
+    event_id_at,
 )
 from agent.index import Entry, Hasher, HashFailure, SensitiveIndex, Throttled, display
-from agent.pipeline.reporting import GapReason, Reporter, file_ref, identity, new_event_id
+from agent.pipeline.reporting import GapReason, Reporter, file_ref, identity
 from agent.reported import CopyIdentity
 
 logger = logging.getLogger(__name__)
@@ -209,7 +210,7 @@ class ArchiveStage:
             if self._spend is not None:
                 self._spend(src, process, user)  # the archiver's read of it is explained
             event = Event(
-                event_id=new_event_id(),
+                event_id=event_id_at(now_ns),
                 observed_at_ns=now_ns,
                 action=Action.COPY,
                 host=self._config.host,

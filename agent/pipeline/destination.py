@@ -26,10 +26,10 @@ from agent.copy_detector import (
     WrittenFile,
 )
 from agent.destinations import Destinations
-from agent.events import Action, Event, FileRef
+from agent.events import Action, Event, FileRef, event_id_at
 from agent.index import Entry, FileKey, Hasher, HashFailure, SensitiveIndex, display
 from agent.pipeline.archives import ArchiveStage
-from agent.pipeline.reporting import Reporter, is_under, new_event_id
+from agent.pipeline.reporting import Reporter, is_under
 from agent.pipeline.unmatched import UnmatchedStage
 from agent.reported import CopyIdentity
 
@@ -234,9 +234,10 @@ class DestinationStage:
         # or a hard link): a move. Anything else is a copy, including rsync's
         # temp-then-rename, which is a copy that ends with a rename.
         action = Action.MOVE if (src.dev, src.ino) == (w.dev, w.ino) else Action.COPY
+        wall_ns = self._clock.wall_ns()
         event = Event(
-            event_id=new_event_id(),
-            observed_at_ns=self._clock.wall_ns(),
+            event_id=event_id_at(wall_ns),
+            observed_at_ns=wall_ns,
             action=action,
             host=self._config.host,
             agent_version=__version__,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from agent import __version__
 from agent.clock import Clock
 from agent.config import AgentConfig
 from agent.errors import ReportedStoreError
-from agent.events import Action, CoverageGap, Event, EventId, FileRef
+from agent.events import Action, CoverageGap, Event, FileRef, event_id_at
 from agent.index import Entry, HashFailure, ScanStats, display
 from agent.reported import ReportedCopies
 
@@ -92,10 +91,6 @@ class PipelineStats:
 
 
 _STAT_FIELDS = frozenset(PipelineStats.__dataclass_fields__)
-
-
-def new_event_id() -> EventId:
-    return EventId(str(uuid.uuid4()))
 
 
 def file_ref(entry: Entry) -> FileRef:
@@ -202,10 +197,11 @@ class Reporter:
         for reason, count in due:
             self.count("gap_events")
             logger.warning("coverage gap: %s x%d", reason, count)
+            wall_ns = self._clock.wall_ns()
             self.emit(
                 Event(
-                    event_id=new_event_id(),
-                    observed_at_ns=self._clock.wall_ns(),
+                    event_id=event_id_at(wall_ns),
+                    observed_at_ns=wall_ns,
                     action=Action.COVERAGE_GAP,
                     host=self._config.host,
                     agent_version=__version__,

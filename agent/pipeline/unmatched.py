@@ -31,11 +31,12 @@ from agent.events import (
     ProcessInfo,
     Sha256Hex,
     UserInfo,
+    event_id_at,
 )
 from agent.index import Entry, Hasher, HashFailure, SensitiveIndex, display
 from agent.labels import Labeller
 from agent.pipeline.archives import Claims
-from agent.pipeline.reporting import Reporter, file_ref, identity, new_event_id
+from agent.pipeline.reporting import Reporter, file_ref, identity
 from agent.reported import CopyIdentity
 
 logger = logging.getLogger(__name__)
@@ -311,9 +312,10 @@ class UnmatchedStage:
                     )
                 )  # fmt: skip
         process, user, how = attribution
+        wall_ns = self._clock.wall_ns()
         event = Event(
-            event_id=new_event_id(),
-            observed_at_ns=self._clock.wall_ns(),
+            event_id=event_id_at(wall_ns),
+            observed_at_ns=wall_ns,
             action=Action.COPY,
             host=self._config.host,
             agent_version=__version__,

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,8 @@ def test_25_labelled_copies_with_cp_and_shutil_copy_are_25_copy_events(dirs, har
         assert event.host == "ws-test"
         assert event.agent_version == agent.__version__
         assert event.observed_at_ns > 0
+        event_id = uuid.UUID(event.event_id)
+        assert (event_id.version, event_id.int >> 80) == (7, event.observed_at_ns // 10**6)
         assert event.attribution in (AttributionMethod.PROC_SCAN, AttributionMethod.FILE_OWNER)
         assert event.user.login
     stats = h.pipeline.stats()
