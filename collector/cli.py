@@ -30,7 +30,7 @@ from collector.errors import CollectorError, ConfigError, StoreError
 from collector.ingest import Ingestor, IngestSettings
 from collector.monitor import Monitor
 from collector.policy import Policy, load_policy, parse_duration
-from collector.render import display_path
+from collector.render import display_path, display_text
 from collector.rpc import Handlers
 from collector.server import create_server
 from collector.store import SqliteStore
@@ -206,7 +206,7 @@ def _emit(
             out.write(json.dumps(row, sort_keys=True) + "\n")
     else:
         for line in lines:
-            out.write(line + "\n")
+            out.write(display_text(line) + "\n")
     return 0
 
 

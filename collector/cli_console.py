@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from typing import TextIO
 
 from collector.errors import UserError
-from collector.render import display_path
+from collector.render import display_text
 from collector.store import SqliteStore
 from collector.trail import Trail, TrailEntry
 from collector.triage import Triage
@@ -25,11 +25,6 @@ from collector.users import User, Users, check_name, check_role
 from collector.views import iso
 
 ArgAdder = Callable[[argparse.ArgumentParser], None]
-
-
-def safe(text: str) -> str:
-    """Free text (names, reasons, attempted logins) made safe to print on a terminal."""
-    return display_path(text.encode("utf-8", "surrogatepass"))
 
 
 def default_actor() -> str:
@@ -127,7 +122,7 @@ def cmd_alerts_assign(args: argparse.Namespace, out: TextIO) -> int:
         alert = Triage(store, Trail(store)).assign(
             args.id, args.user, actor=args.actor, now_ns=time.time_ns()
         )
-    who = safe(alert.assignee) if alert.assignee else "nobody"
+    who = display_text(alert.assignee) if alert.assignee else "nobody"
     out.write(f"alert #{alert.alert_id} assigned to {who}\n")
     return 0
 
@@ -167,8 +162,8 @@ def trail_json(e: TrailEntry) -> dict[str, object]:
 def trail_line(e: TrailEntry) -> str:
     detail = json.dumps(dict(e.detail), sort_keys=True, ensure_ascii=False)
     return (
-        f"{e.seq:>6}  {iso(e.at_ns) or '-'}  {safe(e.actor)}  {safe(e.action)}  "
-        f"{safe(e.target)}  {safe(detail)}"
+        f"{e.seq:>6}  {iso(e.at_ns) or '-'}  {display_text(e.actor)}  {display_text(e.action)}  "
+        f"{display_text(e.target)}  {display_text(detail)}"
     )
 
 
@@ -200,7 +195,7 @@ def cmd_trail_verify(args: argparse.Namespace, out: TextIO) -> int:
         if bad is not None:
             out.write(f"first bad entry: {trail_line(bad)}\n")
     for problem in notes.problems:  # notes edited behind the trail's back (their digests)
-        out.write(f"FAIL {safe(problem)}\n")
+        out.write(f"FAIL {display_text(problem)}\n")
     if not check.ok:
         out.write(f"trail: {check.count} entries, the chain is broken\n")
         return 1

@@ -21,6 +21,16 @@ def display_path(raw: bytes) -> str:
     )
 
 
+def display_text(text: str) -> str:
+    """Free text as printable text, escaped as `display_path` escapes a name.
+
+    What agents and devices report (a USB stick's vendor, model and serial, a label read
+    from an extended attribute, a host or user name) is chosen by whoever controls them, as
+    a file name is. Idempotent: already escaped text is printable and passes unchanged.
+    """
+    return display_path(text.encode("utf-8", "surrogatepass"))
+
+
 def path_b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from collector.models import StoredEvent
 from collector.records import AgentRecord, AlertRecord
-from collector.render import display_path, human_bytes, path_b64
+from collector.render import display_path, display_text, human_bytes, path_b64
 
 
 def iso(ns: int) -> str | None:
@@ -164,4 +164,6 @@ def alert_text(a: AlertRecord, events: Sequence[StoredEvent]) -> str:
                 f"{display_path(proc.encode())}]"
             )
             lines.append(f"      sha256 {e.dest_sha256 or e.source_sha256}")
-    return "\n".join(lines) + "\n"
+    # Hosts, users, labels, device names and group values come from agents and devices:
+    # nothing of them may reach a terminal as a control sequence.
+    return "".join(display_text(line) + "\n" for line in lines)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collector.render import display_path, human_bytes, human_duration
+from collector.render import display_path, display_text, human_bytes, human_duration
 
 
 def test_invalid_utf8_is_shown_as_escapes() -> None:
@@ -31,3 +31,11 @@ def test_sizes_and_durations() -> None:
     assert human_bytes(412 * 1024 * 1024) == "412.0 MiB"
     assert human_duration(5) == "5 s"
     assert human_duration(8 * 60) == "8 min"
+
+
+def test_display_text_escapes_free_text_and_leaves_escaped_text_alone() -> None:
+    hostile = "King\x1b[2Jston \u202eDT50\x07 \udcff"
+    shown = display_text(hostile)
+    assert shown == "King\\x1b[2Jston \\u202eDT50\\x07 \\xed\\xb3\\xbf"  # a lone surrogate
+    assert display_text(shown) == shown
+    assert display_text("Kingston DataTraveler 50") == "Kingston DataTraveler 50"
