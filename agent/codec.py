@@ -133,6 +133,7 @@ def encode_event(ev: Event) -> pb.Event:
         msg.device.fs_uuid = d.fs_uuid
         msg.device.fs_type = d.fs_type
         msg.device.mount_point = d.mount_point
+        msg.device.remote = d.remote
     if ev.process is not None:
         p = ev.process
         msg.process.SetInParent()
@@ -199,6 +200,7 @@ def event_from_bytes(data: bytes) -> Event:
             fs_uuid=d.fs_uuid,
             fs_type=d.fs_type,
             mount_point=d.mount_point,
+            remote=d.remote,
         )
     user = UserInfo()
     if msg.HasField("user"):

@@ -190,7 +190,8 @@ def _mount_point_named(removable: RemovableConfig, mount_point: bytes) -> bool:
 
 def _device_info(mount: Mount, block: BlockInfo | None) -> DeviceInfo:
     if block is None:
-        return DeviceInfo(fs_type=mount.fs_type, mount_point=mount.mount_point)
+        remote = share_remote(mount.source) if is_network_fs(mount.fs_type) else ""
+        return DeviceInfo(fs_type=mount.fs_type, mount_point=mount.mount_point, remote=remote)
     return DeviceInfo(
         vendor=block.vendor,
         model=block.model,
@@ -199,6 +200,20 @@ def _device_info(mount: Mount, block: BlockInfo | None) -> DeviceInfo:
         fs_type=mount.fs_type,
         mount_point=mount.mount_point,
     )
+
+
+def share_remote(source: str) -> str:
+    """What a network mount mounts, as an analyst reads it: the mount table's source with
+    any password taken out (davfs and some FUSE mounts take URLs, which may carry one:
+    `https://bob:secret@dav.example/x` -> `https://bob@dav.example/x`)."""
+    scheme, sep, rest = source.partition("://")
+    if not sep:
+        return source
+    authority, slash, path = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if at and ":" in userinfo:
+        authority = userinfo.partition(":")[0] + "@" + host
+    return f"{scheme}://{authority}{slash}{path}"
 
 
 def is_network_fs(fs_type: str) -> bool:
@@ -281,6 +296,7 @@ def _merge(configured: DeviceInfo | None, found: DeviceInfo) -> DeviceInfo:
         fs_uuid=configured.fs_uuid or found.fs_uuid,
         fs_type=configured.fs_type or found.fs_type,
         mount_point=found.mount_point or configured.mount_point,
+        remote=found.remote or configured.remote,
     )
 
 

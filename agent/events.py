@@ -99,6 +99,8 @@ class DeviceInfo:
     fs_uuid: str = ""
     fs_type: str = ""
     mount_point: bytes = b""
+    remote: str = ""
+    """A network share's remote (`//server/share`, `server:/export`), no password."""
 
 
 @dataclass(frozen=True)

@@ -186,6 +186,7 @@ class _EventDecoder:
                 fs_uuid=d.fs_uuid,
                 fs_type=d.fs_type,
                 mount_point=d.mount_point,
+                remote=d.remote,
             )
         return view
 
@@ -196,7 +197,7 @@ def _check_sizes(ev: events_pb2.Event, event_id: str) -> None:
         raise MalformedBatchError(f"event {event_id}: larger than {MAX_EVENT_BYTES} bytes")
     p, d, user = ev.process, ev.device, ev.user
     texts = (ev.host, user.login, user.effective, ev.label, ev.label_source, ev.gap.reason)
-    more = (ev.agent_version, p.name, d.vendor, d.model, d.serial, d.fs_uuid, d.fs_type)
+    more = (ev.agent_version, p.name, d.vendor, d.model, d.serial, d.fs_uuid, d.fs_type, d.remote)
     paths = (ev.source.path, ev.destination.path, p.exe, d.mount_point, ev.archive_member,
              *p.cmdline)  # fmt: skip
     if max(map(len, (*texts, *more, *paths))) > MAX_TEXT:

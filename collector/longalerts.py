@@ -90,6 +90,8 @@ def device_key(device: DeviceView | None) -> str:
         return device.serial
     if device.fs_uuid:
         return device.fs_uuid
+    if device.remote:
+        return device.remote
     return base64.b64encode(device.mount_point).decode("ascii")
 
 

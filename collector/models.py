@@ -57,6 +57,8 @@ class DeviceView:
     fs_uuid: str = ""
     fs_type: str = ""
     mount_point: bytes = b""
+    remote: str = ""
+    """A network share's remote (`//server/share`, `server:/export`); empty otherwise."""
 
 
 class StoredEvent(NamedTuple):
@@ -112,13 +114,14 @@ class StoredEvent(NamedTuple):
 
     @property
     def destination_key(self) -> str:
-        """The destination as a grouping key: the device when known, else the mount/folder."""
+        """The destination as a grouping key: the device when known, else a network share's
+        remote (the server and share it mounts), else the mount/folder."""
         if not self.destination_class:
             return ""
         dev = self.device
         ident = ""
         if dev is not None:
-            ident = dev.serial or dev.fs_uuid or os.fsdecode(dev.mount_point)
+            ident = dev.serial or dev.fs_uuid or dev.remote or os.fsdecode(dev.mount_point)
         return f"{self.destination_class}:{ident}"
 
 

@@ -119,10 +119,13 @@ def process_json(p: ProcessView) -> str:
 
 
 def device_json(d: DeviceView) -> str:
+    """JSON of a device; `remote` only for a network share (rows of other devices, and rows
+    written before it existed, have none)."""
+    remote = f',"remote":{_str(d.remote)}' if d.remote else ""
     return (
         f'{{"vendor":{_str(d.vendor)},"model":{_str(d.model)},"serial":{_str(d.serial)},'
         f'"fs_uuid":{_str(d.fs_uuid)},"fs_type":{_str(d.fs_type)},'
-        f'"mount_point":"{_b64(d.mount_point)}"}}'
+        f'"mount_point":"{_b64(d.mount_point)}"{remote}}}'
     )
 
 
@@ -173,6 +176,7 @@ def event_from_row(row: Any) -> StoredEvent:
             fs_uuid=d["fs_uuid"],
             fs_type=d["fs_type"],
             mount_point=b64decode(d["mount_point"]),
+            remote=d.get("remote", ""),
         )
     return StoredEvent._make((*row[:_PROCESS], process, device, *row[_DEVICE + 1 : len(_COLUMNS)]))
 

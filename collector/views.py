@@ -87,6 +87,7 @@ def event_json(e: StoredEvent) -> dict[str, object]:
             "fs_uuid": d.fs_uuid,
             "fs_type": d.fs_type,
             "mount_point": display_path(d.mount_point),
+            "remote": d.remote or None,
         }
     return row
 
@@ -157,6 +158,8 @@ def alert_text(a: AlertRecord, events: Sequence[StoredEvent]) -> str:
             dev = ""
             if e.device is not None and (e.device.vendor or e.device.model):
                 dev = f" {e.device.vendor} {e.device.model} {e.device.serial}".rstrip()
+            elif e.device is not None and e.device.remote:
+                dev = f" {e.device.remote}"
             lines.append(
                 f"    {iso(e.observed_at_ns)}  {e.label:<12} {human_bytes(e.size):>10}  "
                 f"{display_path(e.source_path)} -> {_destination_text(e)}  "

@@ -25,6 +25,7 @@ _DOCUMENTS = (
 """Distinct documents: by hash, else by path and size (as `WindowEvent.document`)."""
 DEVICE_SQL = "coalesce(nullif(json_extract(device_json, '$.serial'), ''), " \
     "nullif(json_extract(device_json, '$.fs_uuid'), ''), " \
+    "nullif(json_extract(device_json, '$.remote'), ''), " \
     "json_extract(device_json, '$.mount_point'), '')"  # fmt: skip
 
 

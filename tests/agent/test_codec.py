@@ -232,3 +232,11 @@ def test_signed_batch_carries_body_untouched() -> None:
     assert parsed.body == body
     assert parsed.signature == b"s" * 64
     assert parsed.key_id == b"k" * 32
+
+
+def test_a_network_share_remote_round_trips() -> None:
+    share = DeviceInfo(fs_type="cifs", mount_point=b"/mnt/finance", remote="//nas/finance")
+    ev = replace(full_event(), destination_class=DestinationClass.NETWORK_SHARE, device=share)
+    decoded = codec.event_from_bytes(codec.event_to_bytes(ev))
+    assert decoded == ev and decoded.device is not None
+    assert decoded.device.remote == "//nas/finance"

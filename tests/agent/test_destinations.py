@@ -42,6 +42,7 @@ from agent.destinations import (
     cloud_sync_provider,
     find_cloud_sync,
     roots_for,
+    share_remote,
 )
 from agent.errors import ConfigError
 from agent.events import (
@@ -199,8 +200,35 @@ def test_removable_by_policy_device_name_serial_uuid_or_mount_point(tmp_path, tr
 def test_network_shares_by_type_and_never_pseudo_filesystems(tmp_path, fs, source, klass) -> None:
     dest = classify_mount(mnt(b"/net/x", fs, source), config_for(tmp_path), tmp_path / "nosys")
     assert (dest.destination_class if dest else None) is klass
-    if dest is not None:
-        assert dest.device == DeviceInfo(fs_type=fs, mount_point=b"/net/x")
+    if dest is not None:  # the share's remote travels with the event: where it went
+        assert dest.device == DeviceInfo(fs_type=fs, mount_point=b"/net/x", remote=source)
+
+
+@pytest.mark.parametrize(
+    ("source", "shown"),
+    [
+        ("//nas/finance", "//nas/finance"),
+        ("nas:/export/home", "nas:/export/home"),
+        ("bob@203.0.113.9:/srv/drop", "bob@203.0.113.9:/srv/drop"),
+        (
+            "https://bob:s3cret@dav.example.org/remote.php/dav",
+            "https://bob@dav.example.org/remote.php/dav",
+        ),
+        ("https://:s3cret@dav.example.org", "https://@dav.example.org"),
+        ("https://dav.example.org/a@b:c", "https://dav.example.org/a@b:c"),
+        ("davs://bob@dav.example.org:8443/x", "davs://bob@dav.example.org:8443/x"),
+    ],
+)
+def test_a_share_remote_never_carries_a_password(source: str, shown: str) -> None:
+    assert share_remote(source) == shown
+    assert "s3cret" not in share_remote(source)
+
+
+def test_a_webdav_mount_reports_its_remote_without_the_password(tmp_path) -> None:
+    mount = mnt(b"/net/dav", "davfs", "https://bob:s3cret@dav.example.org/dav")
+    dest = classify_mount(mount, config_for(tmp_path), tmp_path / "nosys")
+    assert dest is not None and dest.device is not None
+    assert dest.device.remote == "https://bob@dav.example.org/dav"
 
 
 def test_a_local_disk_and_the_root_are_not_destinations(tmp_path, tree) -> None:

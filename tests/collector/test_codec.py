@@ -269,3 +269,17 @@ def test_counters_beyond_int64_are_malformed():
 @pytest.mark.parametrize(("count", "stored"), [(0, 1), (1, 1), (37, 37)])
 def test_folded_reads_keep_their_count(count, stored):
     assert decode_one(make_event(action=events_pb2.ACTION_READ, count=count)).access_count == stored
+
+
+def test_a_network_share_remote_is_kept_and_bounded():
+    share = events_pb2.Device(fs_type="cifs", mount_point=b"/mnt/finance", remote="//nas/fin")
+    stored = decode_one(
+        make_event(destination_class=events_pb2.DESTINATION_CLASS_NETWORK_SHARE, device=share)
+    )
+    assert stored.device == DeviceView(
+        fs_type="cifs", mount_point=b"/mnt/finance", remote="//nas/fin"
+    )
+    assert stored.destination_key == "network_share://nas/fin"
+    long = events_pb2.Device(fs_type="cifs", remote="x" * (MAX_TEXT + 1))
+    with pytest.raises(MalformedBatchError, match="longer than"):
+        decode_one(make_event(device=long))

@@ -10,6 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from collector.detection.sqlhistory import DEVICE_SQL
+from collector.longalerts import device_key
 from collector.models import (
     AgentId,
     DeviceView,
@@ -19,6 +21,7 @@ from collector.models import (
     VerifiedBatch,
 )
 from collector.queries import (
+    EVENT_COLUMNS,
     device_json,
     event_from_row,
     event_rows,
@@ -61,9 +64,14 @@ def test_process_json_is_what_the_encoder_writes(pid, start, exe, cmdline, ppids
     assert process_json(p) == _encoder(expected)
 
 
-@given(vendor=texts, model=texts, serial=texts, fs_uuid=texts, fs_type=texts, mount=blobs)
-def test_device_json_is_what_the_encoder_writes(vendor, model, serial, fs_uuid, fs_type, mount):
-    d = DeviceView(vendor, model, serial, fs_uuid, fs_type, mount)
+@given(
+    vendor=texts, model=texts, serial=texts, fs_uuid=texts, fs_type=texts, mount=blobs,
+    remote=texts,
+)  # fmt: skip
+def test_device_json_is_what_the_encoder_writes(
+    vendor, model, serial, fs_uuid, fs_type, mount, remote
+):
+    d = DeviceView(vendor, model, serial, fs_uuid, fs_type, mount, remote)
     expected = {
         "vendor": vendor,
         "model": model,
@@ -72,7 +80,42 @@ def test_device_json_is_what_the_encoder_writes(vendor, model, serial, fs_uuid, 
         "fs_type": fs_type,
         "mount_point": _b64(mount),
     }
+    if remote:  # only network shares have one
+        expected["remote"] = remote
     assert device_json(d) == _encoder(expected)
+
+
+DEVICES = [
+    DeviceView("Kingston", "DT50", "0019E06B", "1A2B-3C4D", "vfat", b"/media/a/K"),
+    DeviceView(fs_uuid="1A2B-3C4D", fs_type="vfat", mount_point=b"/media/a/K"),
+    DeviceView(fs_type="cifs", mount_point=b"/mnt/finance", remote="//nas/finance"),
+    DeviceView(fs_type="nfs4", mount_point=b"/mnt/\xff"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_device_has_one_identity_in_python_and_in_sql(device: DeviceView) -> None:
+    con = sqlite3.connect(":memory:")
+    sql = f"SELECT {DEVICE_SQL} FROM (SELECT ? AS device_json)"  # noqa: S608
+    (in_sql,) = con.execute(sql, (device_json(device),)).fetchone()
+    assert in_sql == device_key(device)
+
+
+def test_a_share_is_identified_by_its_remote_and_rows_from_before_still_read() -> None:
+    share = DEVICES[2]
+    assert device_key(share) == "//nas/finance"
+    event = StoredEvent(
+        EventId("e"), AgentId("a"), 1, 1, 0, "copy", "h", "u", destination_class="network_share",
+        device=share,
+    )  # fmt: skip
+    assert event.destination_key == "network_share://nas/finance"
+    # A row a collector wrote before devices had a remote:
+    old = _encoder(dict.fromkeys(("vendor", "model", "serial", "fs_uuid"), ""))[:-1]
+    old += ',"fs_type":"cifs","mount_point":"L21udA=="}'
+    i = [c.strip() for c in EVENT_COLUMNS.split(",")].index("device_json")
+    row = next(event_rows([event._replace(device=None)]))
+    device = event_from_row((*row[:i], old, *row[i + 1 :])).device
+    assert device == DeviceView(fs_type="cifs", mount_point=b"/mnt")
 
 
 def test_rows_round_trip_and_share_the_json_of_shared_views():

@@ -11,9 +11,14 @@ import time
 import pytest
 from starlette.testclient import TestClient
 
+from collector.ingest import Ingestor
 from collector.models import AlertStatus
+from collector.policy import load_policy
 from collector.web.app import create_app
 from collector.web.security import COOKIE, CSP, LOGIN_COOKIE
+from exfilwatch.v1 import events_pb2
+from tests.collector.batches import T0, BatchChain, enroll, new_agent
+from tests.conftest import POLICY
 from tests.web.conftest import ORIGIN, PASSWORD, Web, login, page_token, seed_alert
 
 
@@ -172,6 +177,29 @@ def test_hostile_file_names_are_text(web: Web, signed_in: tuple[TestClient, str]
     # no inline script or style at all: CSP would block it, and we never write any
     assert re.search(r"<script(?![^>]*\bsrc=)", html) is None
     assert " style=" not in html and "<style" not in html
+
+
+def test_a_network_share_shows_its_remote_as_text(
+    web: Web, signed_in: tuple[TestClient, str]
+) -> None:
+    agent = new_agent()
+    enroll(web.store, agent)
+    chain = BatchChain(agent)
+    remote = "//203.0.113.9/<b>drop</b>"
+    share = events_pb2.Device(fs_type="cifs", mount_point=b"/mnt/drop", remote=remote)
+    events = chain.events(
+        200,  # configs/policy.yaml: bulk-copy-to-network-share, 200 files in 1 h
+        destination_class=events_pb2.DESTINATION_CLASS_NETWORK_SHARE,
+        destination=events_pb2.FileRef(path=b"/mnt/drop/q3.xlsx", size=1000, sha256="a" * 64),
+        device=share,
+    )
+    ingest = Ingestor(web.store, load_policy(POLICY))
+    ingest.upload(chain.next(events).raw, agent.agent_id, T0 + 10**12)
+    (alert,) = [a for a in web.store.list_alerts() if a.rule == "bulk-copy-to-network-share"]
+    client, _ = signed_in
+    html = client.get(f"/alerts/{alert.alert_id}").text
+    assert "<dt>remote</dt>" in html
+    assert "//203.0.113.9/&lt;b&gt;drop&lt;/b&gt;" in html and "<b>drop" not in html
 
 
 def test_decisions_reach_history_and_trail(web: Web, signed_in: tuple[TestClient, str]) -> None:

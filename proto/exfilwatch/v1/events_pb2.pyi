@@ -90,20 +90,22 @@ class FileRef(_message.Message):
     def __init__(self, path: _Optional[bytes] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., device: _Optional[int] = ..., inode: _Optional[int] = ..., mtime_ns: _Optional[int] = ...) -> None: ...
 
 class Device(_message.Message):
-    __slots__ = ("vendor", "model", "serial", "fs_uuid", "fs_type", "mount_point")
+    __slots__ = ("vendor", "model", "serial", "fs_uuid", "fs_type", "mount_point", "remote")
     VENDOR_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SERIAL_FIELD_NUMBER: _ClassVar[int]
     FS_UUID_FIELD_NUMBER: _ClassVar[int]
     FS_TYPE_FIELD_NUMBER: _ClassVar[int]
     MOUNT_POINT_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_FIELD_NUMBER: _ClassVar[int]
     vendor: str
     model: str
     serial: str
     fs_uuid: str
     fs_type: str
     mount_point: bytes
-    def __init__(self, vendor: _Optional[str] = ..., model: _Optional[str] = ..., serial: _Optional[str] = ..., fs_uuid: _Optional[str] = ..., fs_type: _Optional[str] = ..., mount_point: _Optional[bytes] = ...) -> None: ...
+    remote: str
+    def __init__(self, vendor: _Optional[str] = ..., model: _Optional[str] = ..., serial: _Optional[str] = ..., fs_uuid: _Optional[str] = ..., fs_type: _Optional[str] = ..., mount_point: _Optional[bytes] = ..., remote: _Optional[str] = ...) -> None: ...
 
 class ProcessInfo(_message.Message):
     __slots__ = ("pid", "start_time_ns", "exe", "cmdline", "ppid_chain", "name")
