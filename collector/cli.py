@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -28,11 +29,12 @@ from collector.dryrun import dry_run
 from collector.enroll import Enrollment
 from collector.errors import CollectorError, ConfigError, StoreError
 from collector.ingest import Ingestor, IngestSettings
+from collector.metrics import Health, Metrics, MetricsServer, store_gauges
 from collector.monitor import Monitor
 from collector.policy import Policy, load_policy, parse_duration
 from collector.render import display_path, display_text
 from collector.rpc import Handlers
-from collector.server import create_server
+from collector.server import create_server, split_hostport
 from collector.store import SqliteStore
 from collector.trail import Trail
 from collector.views import agent_json, alert_json, alert_text, event_json, event_line
@@ -113,7 +115,8 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         if args.decode_workers:
             decoder = PoolDecoder(args.decode_workers)
             decoder.start()  # the workers import while the ports are bound
-        ingest = Ingestor(store, policy, settings, directory, decoder)
+        metrics = Metrics()
+        ingest = Ingestor(store, policy, settings, directory, decoder, metrics=metrics)
         holder: dict[str, int] = {}
         handlers = Handlers(
             ingest,
@@ -134,6 +137,9 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         console = _console(args, store, policy)
         if console is not None:
             addresses["console"] = console.url
+        monitoring = _metrics_server(args, store, ingest, metrics, policy)
+        if monitoring is not None:
+            addresses["metrics"] = monitoring.url
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
@@ -145,6 +151,8 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         )
         if console is not None:
             console.start()
+        if monitoring is not None:
+            monitoring.server.start()
         bound.server.start()
         monitor.start()
         tmp = args.data / (LISTEN_FILE + ".tmp")
@@ -157,11 +165,15 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         )
         if console is not None:
             out.write(f"console: {console.url}\n")
+        if monitoring is not None:
+            out.write(f"metrics: {monitoring.url}/metrics, health {monitoring.url}/healthz\n")
         out.flush()
         stop.wait()
         logger.info("stopping")
         if console is not None:
             console.stop()
+        if monitoring is not None:
+            monitoring.server.stop()
         monitor.stop()
         bound.server.stop(grace=5).wait()
         restoring.join()
@@ -172,6 +184,45 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
             decoder.close()
         store.close()
     return 0
+
+
+@dataclass(frozen=True)
+class _Monitoring:
+    server: MetricsServer
+    url: str
+
+
+def _metrics_server(
+    args: argparse.Namespace, store: SqliteStore, ingest: Ingestor, metrics: Metrics, policy: Policy
+) -> _Monitoring | None:
+    """`/metrics` and `/healthz` (collector.metrics), bound but not started; None unless
+    --metrics-listen."""
+    if args.metrics_listen is None:
+        return None
+    host, port = split_hostport(args.metrics_listen, "--metrics-listen")
+    silent_after = policy.agents.silent_after_ns
+
+    def render() -> str:
+        counts = store.counts(time.time_ns() - silent_after)
+        return metrics.render(store_gauges(counts, restoring=ingest.restoring))
+
+    def health() -> Health:
+        if ingest.restore_error is not None:
+            return Health(ok=False, status="error", detail="the rules' windows were not restored")
+        if ingest.restoring:
+            return Health(ok=False, status="restoring")
+        try:
+            store.read_with(lambda con: con.execute("SELECT 1 FROM schema_version").fetchone())
+        except StoreError:
+            return Health(ok=False, status="error", detail="the database does not answer")
+        return Health(ok=True, status="ok")
+
+    try:
+        server = MetricsServer(host, port, render, health)
+    except OSError as e:
+        raise ConfigError(f"--metrics-listen {args.metrics_listen}: {e.strerror or e}") from e
+    shown = f"[{host}]" if ":" in host else host
+    return _Monitoring(server, f"http://{shown}:{server.port}")
 
 
 def _console(args: argparse.Namespace, store: SqliteStore, policy: Policy) -> ConsoleServer | None:
@@ -407,6 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--console-cert", type=Path, help="console certificate (default: the server's)")
     p.add_argument("--console-key", type=Path, help="console private key (with --console-cert)")
+    p.add_argument(
+        "--metrics-listen",
+        help="serve /metrics (Prometheus) and /healthz over plain HTTP here (HOST:PORT;"
+        " port 0 picks a free one; default: not served). Counts only, no names.",
+    )  # fmt: skip
     p.set_defaults(func=cmd_serve)
 
     agents = sub.add_parser("agents", help="enrolled agents").add_subparsers(

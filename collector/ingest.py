@@ -32,6 +32,7 @@ from collector.errors import (
 )
 from collector.groupcommit import GroupCommit
 from collector.longalerts import StoreEpisodes, apply_findings, long_events
+from collector.metrics import Metrics
 from collector.models import AlertId, Severity, StoredEvent, ThresholdDecision, VerifiedBatch
 from collector.policy import Policy
 from collector.records import StoreResult
@@ -89,10 +90,12 @@ class Ingestor:
         settings: IngestSettings | None = None,
         directory: Directory | None = None,
         decoder: Decoder | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         """`decoder` verifies and decodes uploads (default: in the caller's thread); the
-        caller owns it and closes it after the server stopped."""
+        caller owns it and closes it after the server stopped. `metrics` counts uploads."""
         self._store = store
+        self._metrics = metrics or Metrics()
         self._decoder = decoder or InlineDecoder()
         self._policy = policy
         self._settings = settings or IngestSettings()
@@ -143,6 +146,11 @@ class Ingestor:
             logger.error("cannot restore the rule windows: %s", e)
         finally:
             self._restored.set()
+
+    @property
+    def restoring(self) -> bool:
+        """Whether `restore_in_background` still runs (uploads wait for it)."""
+        return not self._restored.is_set()
 
     @property
     def restore_error(self) -> BaseException | None:
@@ -227,8 +235,14 @@ class Ingestor:
         except IngestError as e:
             who = tls_agent_id or "unauthenticated"
             logger.warning("refused batch from %s: %s: %s", who, type(e).__name__, e)
+            self._metrics.add("exfilwatch_batches_refused_total", reason=type(e).__name__)
             self._store.record_security_alert(who, type(e).__name__, str(e), now_ns)
             raise
+        metrics = self._metrics
+        outcome = "duplicate" if result.duplicate else "stored"
+        metrics.add("exfilwatch_batches_total", outcome=outcome)
+        metrics.add("exfilwatch_events_stored_total", result.events_stored)
+        metrics.add("exfilwatch_alerts_opened_total", len(result.alerts_opened))
         if result.alerts_opened:
             logger.info("alerts opened: %s", ", ".join(map(str, result.alerts_opened)))
         if pending.security and not result.duplicate:

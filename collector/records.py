@@ -59,6 +59,22 @@ class AlertRecord:
 
 
 @dataclass(frozen=True)
+class StoreCounts:
+    """What the store holds, counted for monitoring (`SqliteStore.counts`)."""
+
+    agents: int
+    revoked: int
+    silent: int
+    """Agents not revoked and heard from neither by heartbeat nor upload since the cut-off."""
+    spool_depth: int
+    """Events waiting in agents' spools, summed over their last heartbeats."""
+    agents_with_gaps: int
+    events: int
+    open_alerts: dict[tuple[str, str], int]
+    """(kind, status) -> alerts new or in progress."""
+
+
+@dataclass(frozen=True)
 class StoredBatch:
     """A batch exactly as received, kept so its events can be re-proved later."""
 

@@ -34,7 +34,7 @@ from collector.models import (
     ThresholdDecision,
     VerifiedBatch,
 )
-from collector.records import AgentRecord, AlertRecord, StoredBatch, StoreResult
+from collector.records import AgentRecord, AlertRecord, StoreCounts, StoredBatch, StoreResult
 from collector.verify import AgentKey, ChainHead, classify_seq
 
 __all__ = [
@@ -566,6 +566,27 @@ class SqliteStore:
     def event_ids(self) -> set[str]:
         with self._read() as con:
             return {row[0] for row in con.execute("SELECT event_id FROM events")}
+
+    def counts(self, silent_before_ns: int) -> StoreCounts:
+        """Agents, events and open alerts, each count an index lookup or a small scan."""
+        with self._read() as con:
+            agents = con.execute(
+                "SELECT count(*), total(revoked), total(revoked = 0 AND last_seen_ns < ?),"
+                " total(spool_depth), total(coverage_gaps > 0) FROM agents",
+                (silent_before_ns,),
+            ).fetchone()
+            # Events are never deleted, so the largest rowid is their number (a count(*)
+            # would read every row of a big store).
+            (events,) = con.execute("SELECT coalesce(max(rowid), 0) FROM events").fetchone()
+            alerts = con.execute(
+                "SELECT kind, status, count(*) FROM alerts"
+                " WHERE status IN ('new', 'in_progress') GROUP BY kind, status"
+            ).fetchall()
+        return StoreCounts(
+            agents=agents[0], revoked=int(agents[1]), silent=int(agents[2]),
+            spool_depth=int(agents[3]), agents_with_gaps=int(agents[4]), events=events,
+            open_alerts={(kind, status): n for kind, status, n in alerts},
+        )  # fmt: skip
 
     def count_events(self) -> int:
         with self._read() as con:

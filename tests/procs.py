@@ -132,6 +132,8 @@ class Collector:
         self.enroll = ""
         self.console = ""
         """The console's URL (https://127.0.0.1:PORT/) once started."""
+        self.metrics = ""
+        """With serve --metrics-listen: http://HOST:PORT (no trailing slash)."""
 
     def init(self) -> None:
         run_cli("collector", "init", "--data", str(self.data))
@@ -162,6 +164,7 @@ class Collector:
         addresses = json.loads((self.data / "listen.json").read_text())
         self.agents, self.enroll = addresses["agents"], addresses["enroll"]
         self.console = addresses.get("console", "")
+        self.metrics = addresses.get("metrics", "")
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         assert self.proc is not None
