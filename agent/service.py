@@ -30,6 +30,7 @@ from agent.signer import Signer
 from agent.spool import Spool
 from agent.status import STATUS_INTERVAL_S, AckTrackingSpool, agent_status, write_status
 from agent.supervisor import Supervisor, restart_watcher
+from agent.usage import UsageMeter
 from agent.watcher import ObservationQueue, Watcher
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class AgentService:
         self._notifier: Notifier = notifier or SdNotifier(None)
         self._watchdog = Watchdog(self._notifier)
         self._status_interval = status_interval
+        self._usage = UsageMeter()
         self._observations: ObservationQueue | None = None
         self._started_ns = 0
 
@@ -123,8 +125,9 @@ class AgentService:
             levels=config.labels.levels,
         )
         self._shipper = Shipper(
-            self._identity, self._spool, self._clock, self._shipper_settings, self._status
-        )
+            self._identity, self._spool, self._clock, self._shipper_settings, self._status,
+            usage=UsageMeter().read,
+        )  # fmt: skip
         self._shipper.start()
         self.emit(self._event(Action.AGENT_START))
         try:
@@ -272,6 +275,7 @@ class AgentService:
                 started_at_ns=self._started_ns,
                 now_ns=self._clock.wall_ns(),
                 failure=self.failure,
+                usage=self._usage.read(),
             )
             write_status(self._identity.state_dir, status)
         except AgentError:  # reporting must never take the agent (or its shutdown) down

@@ -31,6 +31,7 @@ from agent.enroll import certificate_expiry, new_tls_key_and_csr
 from agent.identity import Identity
 from agent.policy import PolicyKeeper
 from agent.spool import SealedBatch, Spool
+from agent.usage import Usage
 from exfilwatch.v1 import collector_pb2, collector_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -89,12 +90,15 @@ class Shipper:
         clock: Clock,
         settings: ShipperSettings,
         status: Callable[[], tuple[str, int]] = lambda: ("", 0),
+        usage: Callable[[], Usage] | None = None,
     ) -> None:
+        """`usage`: the agent's CPU and memory, read for each heartbeat (agent.usage)."""
         self._identity = identity
         self._spool = spool
         self._clock = clock
         self._settings = settings
         self._status = status  # (unused revision, coverage gaps so far)
+        self._usage = usage
         self.policy = PolicyKeeper(identity.state_dir)
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -272,6 +276,9 @@ class Shipper:
             spool_depth=pending + sealed,
             coverage_gaps=gaps,
         )
+        if self._usage is not None:
+            usage = self._usage()
+            request.cpu_percent, request.rss_bytes = usage.cpu_percent, usage.rss_bytes
         try:
             self._stub.Heartbeat(request, timeout=self._call_timeout(), wait_for_ready=True)
             self.connected = True

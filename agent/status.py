@@ -23,6 +23,7 @@ from agent.config import AgentConfig
 from agent.errors import StateError
 from agent.identity import SPOOL, Identity
 from agent.spool import Spool
+from agent.usage import Usage
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,10 @@ class AgentStatus:
     started_at_ns: int
     updated_at_ns: int
     failure: str | None = None
+    cpu_percent: float = 0.0
+    """The agent's CPU since the previous status (agent.usage), in percent of one core."""
+    rss_bytes: int = 0
+    """Its resident memory. Both 0 in a status file written by an older agent."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -104,6 +109,7 @@ def agent_status(
     started_at_ns: int,
     now_ns: int,
     failure: str | None,
+    usage: Usage | None = None,
 ) -> AgentStatus:
     """The running agent's status, from its spool and shipper."""
     pending, sealed = spool.depth()
@@ -126,6 +132,8 @@ def agent_status(
         started_at_ns=started_at_ns,
         updated_at_ns=now_ns,
         failure=failure,
+        cpu_percent=usage.cpu_percent if usage is not None else 0.0,
+        rss_bytes=usage.rss_bytes if usage is not None else 0,
     )
 
 
@@ -230,6 +238,8 @@ class StatusReport:
     spool_pending_events: int | None = None
     spool_sealed_batches: int | None = None
     coverage_gaps: int | None = None
+    cpu_percent: float | None = None
+    rss_bytes: int | None = None
     policy_revision: str | None = None
     updated_at: str | None = None
     failure: str | None = None
@@ -263,6 +273,8 @@ class StatusReport:
                 f"{self.spool_sealed_batches} batches unacknowledged",
             )
         add("coverage gaps", self.coverage_gaps)
+        if self.rss_bytes:  # 0: written by an older agent
+            add("cost", f"{self.cpu_percent:.1f}% CPU, {self.rss_bytes / 2**20:.1f} MiB resident")
         if self.policy_revision is not None:
             add("policy revision", self.policy_revision or "none")
         add("updated", self.updated_at)
@@ -315,6 +327,8 @@ def collect(
             spool_pending_events=status.spool_pending_events,
             spool_sealed_batches=status.spool_sealed_batches,
             coverage_gaps=status.coverage_gaps,
+            cpu_percent=status.cpu_percent,
+            rss_bytes=status.rss_bytes,
             policy_revision=status.policy_revision,
             updated_at=iso(status.updated_at_ns),
             failure=status.failure,
@@ -331,6 +345,8 @@ def collect(
         healthy=None,
         acked_batches=None,
         coverage_gaps=None,
+        cpu_percent=None,
+        rss_bytes=None,
     )
     try:
         spool = read_spool(state_dir / SPOOL)

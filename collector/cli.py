@@ -32,7 +32,8 @@ from collector.ingest import Ingestor, IngestSettings
 from collector.metrics import Health, Metrics, MetricsServer, store_gauges
 from collector.monitor import Monitor
 from collector.policy import Policy, load_policy, parse_duration
-from collector.render import display_path, display_text
+from collector.records import AgentRecord
+from collector.render import display_path, display_text, human_bytes
 from collector.rpc import Handlers
 from collector.server import create_server, split_hostport
 from collector.store import SqliteStore
@@ -269,10 +270,17 @@ def cmd_agents_list(args: argparse.Namespace, out: TextIO) -> int:
         store.close()
     lines = [
         f"{a.agent_id}  {a.hostname}  v{a.agent_version}  last seen "
-        f"{_ago(a.last_seen_ns)}  spool {a.spool_depth}{'  REVOKED' if a.revoked else ''}"
+        f"{_ago(a.last_seen_ns)}  spool {a.spool_depth}{_cost(a)}"
+        f"{'  REVOKED' if a.revoked else ''}"
         for a in agents
     ]
     return _emit([agent_json(a) for a in agents], lines or ["no agents enrolled"], args, out)
+
+
+def _cost(a: AgentRecord) -> str:
+    if not a.rss_bytes:  # not reported yet, or by an older agent
+        return ""
+    return f"  cpu {a.cpu_percent:.1f}%  mem {human_bytes(a.rss_bytes)}"
 
 
 def cmd_agents_revoke(args: argparse.Namespace, out: TextIO) -> int:

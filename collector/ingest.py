@@ -304,6 +304,8 @@ class Ingestor:
             policy_revision=hb.policy_revision,
             spool_depth=hb.spool_depth,
             coverage_gaps=hb.coverage_gaps,
+            cpu_percent=hb.cpu_percent,
+            rss_bytes=hb.rss_bytes,
         )
         head = self._store.chain_head(hb.agent_id)
         return HeartbeatReply(

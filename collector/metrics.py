@@ -107,6 +107,10 @@ def store_gauges(counts: StoreCounts, *, restoring: bool) -> list[Gauge]:
               " their last heartbeat.", [({}, counts.spool_depth)]),
         Gauge("exfilwatch_agents_with_coverage_gaps", "Agents whose last heartbeat reported"
               " coverage gaps.", [({}, counts.agents_with_gaps)]),
+        Gauge("exfilwatch_agent_cpu_percent_max", "The highest CPU use an agent reported at"
+              " its last heartbeat, percent of one core.", [({}, counts.max_cpu_percent)]),
+        Gauge("exfilwatch_agent_rss_bytes_max", "The largest resident memory an agent reported"
+              " at its last heartbeat.", [({}, counts.max_rss_bytes)]),
         Gauge("exfilwatch_events_in_store", "Events stored in all.", [({}, counts.events)]),
         Gauge("exfilwatch_alerts_open", "Alerts new or in progress.", alerts),
         Gauge("exfilwatch_rules_restoring", "1 while the rules' windows are rebuilt at start"

@@ -50,7 +50,7 @@ ALERT_COLUMNS = (
 )
 AGENT_COLUMNS = (
     "agent_id, public_key, key_id, hostname, agent_version, enrolled_at_ns, last_seen_ns,"
-    " revoked, cert_serial, policy_revision, spool_depth, coverage_gaps"
+    " revoked, cert_serial, policy_revision, spool_depth, coverage_gaps, cpu_percent, rss_bytes"
 )
 _EVIDENCE_IDS = (
     "(SELECT json_group_array(event_id) FROM (SELECT ae.event_id FROM alert_events ae"
@@ -198,7 +198,7 @@ def agent_from_row(row: Any) -> AgentRecord:
         agent_id=AgentId(row[0]), public_key_raw=row[1], key_id=row[2], hostname=row[3],
         agent_version=row[4], enrolled_at_ns=row[5], last_seen_ns=row[6],
         revoked=bool(row[7]), cert_serial=row[8], policy_revision=row[9],
-        spool_depth=row[10], coverage_gaps=row[11],
+        spool_depth=row[10], coverage_gaps=row[11], cpu_percent=row[12], rss_bytes=row[13],
     )  # fmt: skip
 
 

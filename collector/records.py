@@ -27,6 +27,10 @@ class AgentRecord:
     policy_revision: str
     spool_depth: int
     coverage_gaps: int
+    cpu_percent: float = 0.0
+    """The agent's CPU over its last heartbeat interval, percent of one core; 0 unknown."""
+    rss_bytes: int = 0
+    """Its resident memory at the last heartbeat; 0 unknown."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,9 @@ class StoreCounts:
     spool_depth: int
     """Events waiting in agents' spools, summed over their last heartbeats."""
     agents_with_gaps: int
+    max_cpu_percent: float
+    """The highest CPU figure of an agent not revoked, at its last heartbeat."""
+    max_rss_bytes: int
     events: int
     open_alerts: dict[tuple[str, str], int]
     """(kind, status) -> alerts new or in progress."""

@@ -39,6 +39,8 @@ from exfilwatch.v1 import collector_pb2
 logger = logging.getLogger(__name__)
 
 SERVICE = "exfilwatch.v1.Collector"
+MAX_CPU_PERCENT = 100_000.0
+"""A heartbeat's CPU figure is capped here: 1,000 cores' worth."""
 
 # Most specific first: the first matching class decides.
 _STATUS: tuple[tuple[type[CollectorError], grpc.StatusCode], ...] = (
@@ -79,6 +81,9 @@ class Heartbeat:
     policy_revision: str
     spool_depth: int
     coverage_gaps: int
+    cpu_percent: float = 0.0
+    """The agent's CPU over its last heartbeat interval, percent of one core."""
+    rss_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -256,6 +261,10 @@ class Handlers:
             policy_revision=msg.policy_revision[:128],
             spool_depth=msg.spool_depth,
             coverage_gaps=msg.coverage_gaps,
+            # Reported, not trusted: a NaN, a negative or an absurd figure is shown as 0 or
+            # capped, never stored as sent (SQLite's integers stop at 2**63 - 1).
+            cpu_percent=min(msg.cpu_percent, MAX_CPU_PERCENT) if msg.cpu_percent >= 0 else 0.0,
+            rss_bytes=min(msg.rss_bytes, 2**63 - 1),
         )
         try:
             reply = self._ingest.heartbeat(hb, self._clock_ns())

@@ -60,7 +60,8 @@ CREATE TABLE IF NOT EXISTS agents (
     hostname TEXT NOT NULL, agent_version TEXT NOT NULL, enrolled_at_ns INTEGER NOT NULL,
     last_seen_ns INTEGER NOT NULL DEFAULT 0, revoked INTEGER NOT NULL DEFAULT 0,
     cert_serial TEXT NOT NULL DEFAULT '', policy_revision TEXT NOT NULL DEFAULT '',
-    spool_depth INTEGER NOT NULL DEFAULT 0, coverage_gaps INTEGER NOT NULL DEFAULT 0);
+    spool_depth INTEGER NOT NULL DEFAULT 0, coverage_gaps INTEGER NOT NULL DEFAULT 0,
+    cpu_percent REAL NOT NULL DEFAULT 0, rss_bytes INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS tokens (
     token_id TEXT PRIMARY KEY, secret_hash BLOB NOT NULL, created_at_ns INTEGER NOT NULL,
     expires_at_ns INTEGER NOT NULL, uses_left INTEGER NOT NULL);
@@ -149,7 +150,8 @@ _TOUCH = (  # a None leaves the column as it is
     "UPDATE agents SET last_seen_ns = max(last_seen_ns, ?),"
     " agent_version = coalesce(?, agent_version), policy_revision = coalesce(?, policy_revision),"
     " spool_depth = coalesce(?, spool_depth), coverage_gaps = coalesce(?, coverage_gaps),"
-    " cert_serial = coalesce(?, cert_serial) WHERE agent_id = ?"
+    " cert_serial = coalesce(?, cert_serial), cpu_percent = coalesce(?, cpu_percent),"
+    " rss_bytes = coalesce(?, rss_bytes) WHERE agent_id = ?"
 )
 
 BACKSTOP_PAGES = 16384
@@ -430,9 +432,14 @@ class SqliteStore:
         spool_depth: int | None = None,
         coverage_gaps: int | None = None,
         cert_serial: str | None = None,
+        cpu_percent: float | None = None,
+        rss_bytes: int | None = None,
     ) -> None:
         """Record a heartbeat (or any sign of life) and the fields it reported."""
-        params = (now_ns, agent_version, policy_revision, spool_depth, coverage_gaps, cert_serial)
+        params = (
+            now_ns, agent_version, policy_revision, spool_depth, coverage_gaps, cert_serial,
+            cpu_percent, rss_bytes,
+        )  # fmt: skip
         with self._write() as con:
             if con.execute(_TOUCH, (*params, agent_id)).rowcount == 0:
                 raise NotFoundError(f"no agent {agent_id!r}")
@@ -572,7 +579,9 @@ class SqliteStore:
         with self._read() as con:
             agents = con.execute(
                 "SELECT count(*), total(revoked), total(revoked = 0 AND last_seen_ns < ?),"
-                " total(spool_depth), total(coverage_gaps > 0) FROM agents",
+                " total(spool_depth), total(coverage_gaps > 0),"
+                " coalesce(max(CASE WHEN revoked = 0 THEN cpu_percent END), 0),"
+                " coalesce(max(CASE WHEN revoked = 0 THEN rss_bytes END), 0) FROM agents",
                 (silent_before_ns,),
             ).fetchone()
             # Events are never deleted, so the largest rowid is their number (a count(*)
@@ -584,7 +593,8 @@ class SqliteStore:
             ).fetchall()
         return StoreCounts(
             agents=agents[0], revoked=int(agents[1]), silent=int(agents[2]),
-            spool_depth=int(agents[3]), agents_with_gaps=int(agents[4]), events=events,
+            spool_depth=int(agents[3]), agents_with_gaps=int(agents[4]),
+            max_cpu_percent=float(agents[5]), max_rss_bytes=int(agents[6]), events=events,
             open_alerts={(kind, status): n for kind, status, n in alerts},
         )  # fmt: skip
 
@@ -733,6 +743,10 @@ def _write_batches(con: sqlite3.Connection, writes: Sequence[BatchWrite]) -> lis
 
 def _migrate(con: sqlite3.Connection) -> None:
     """Bring a database made by an older collector up to SCHEMA: columns added since."""
+    columns = {row[1] for row in con.execute("PRAGMA table_info(agents)")}
+    if "cpu_percent" not in columns:  # schema 1 and 2 before heartbeats carried the cost
+        con.execute("ALTER TABLE agents ADD COLUMN cpu_percent REAL NOT NULL DEFAULT 0")
+        con.execute("ALTER TABLE agents ADD COLUMN rss_bytes INTEGER NOT NULL DEFAULT 0")
     columns = {row[1] for row in con.execute("PRAGMA table_info(alerts)")}
     if "assignee" not in columns:  # schema 1
         con.execute("ALTER TABLE alerts ADD COLUMN assignee TEXT")

@@ -30,6 +30,8 @@ def agent_json(a: AgentRecord) -> dict[str, object]:
         "policy_revision": a.policy_revision,
         "spool_depth": a.spool_depth,
         "coverage_gaps": a.coverage_gaps,
+        "cpu_percent": a.cpu_percent,
+        "rss_bytes": a.rss_bytes,
         "key_id": a.key_id.hex(),
     }
 

@@ -129,6 +129,16 @@ def test_running_agent_is_read_from_its_status_file(config: Path, state: Path) -
     assert "last acked batch: 41" in text
     assert "3 events pending, 1 batches unacknowledged" in text
     assert "policy revision:  r9" in text
+    assert "cost:" not in text  # a status file of an agent that did not measure itself
+
+
+def test_the_agents_cost_is_shown_and_kept_in_json(config: Path, state: Path) -> None:
+    write_status(state, running_status(state, cpu_percent=0.42, rss_bytes=67 * 2**20))
+    rc, text = run("status", "--config", str(config))
+    assert rc == 0 and "cost:             0.4% CPU, 67.0 MiB resident" in text
+    rc, text = run("status", "--config", str(config), "--json")
+    row = json.loads(text)
+    assert (row["cpu_percent"], row["rss_bytes"]) == (0.42, 67 * 2**20)
 
 
 def test_a_status_file_gone_stale_means_not_responding(config: Path, state: Path) -> None:

@@ -36,7 +36,8 @@ def test_counters_render_at_zero_then_by_label() -> None:
 
 def test_store_counts_become_gauges() -> None:
     counts = StoreCounts(
-        agents=10, revoked=1, silent=2, spool_depth=345, agents_with_gaps=3, events=9_000,
+        agents=10, revoked=1, silent=2, spool_depth=345, agents_with_gaps=3,
+        max_cpu_percent=12.5, max_rss_bytes=75_000_000, events=9_000,
         open_alerts={("threshold", "new"): 4, ("security", "in_progress"): 1},
     )  # fmt: skip
     text = Metrics().render(store_gauges(counts, restoring=True))
@@ -46,6 +47,8 @@ def test_store_counts_become_gauges() -> None:
         'exfilwatch_agents{state="revoked"} 1',
         "exfilwatch_agents_spool_events 345",
         "exfilwatch_agents_with_coverage_gaps 3",
+        "exfilwatch_agent_cpu_percent_max 12.5",
+        "exfilwatch_agent_rss_bytes_max 75000000",
         "exfilwatch_events_in_store 9000",
         'exfilwatch_alerts_open{kind="security",status="in_progress"} 1',
         'exfilwatch_alerts_open{kind="threshold",status="new"} 4',
@@ -59,7 +62,11 @@ def test_the_store_counts_agents_events_and_open_alerts(store: SqliteStore) -> N
     quiet, busy, gone = new_agent(), new_agent(), new_agent()
     for agent in (quiet, busy, gone):
         enroll(store, agent)
-    store.touch_agent(busy.agent_id, T0 + 30 * MINUTE, spool_depth=120, coverage_gaps=2)
+    store.touch_agent(
+        busy.agent_id, T0 + 30 * MINUTE, spool_depth=120, coverage_gaps=2, cpu_percent=1.5,
+        rss_bytes=70 * 2**20,
+    )  # fmt: skip
+    store.touch_agent(gone.agent_id, T0, cpu_percent=99.0, rss_bytes=900 * 2**20)
     store.revoke_agent(gone.agent_id)
     ingest = Ingestor(store, load_policy(POLICY))
     chain = BatchChain(busy)
@@ -70,6 +77,7 @@ def test_the_store_counts_agents_events_and_open_alerts(store: SqliteStore) -> N
     assert (counts.agents, counts.revoked, counts.silent) == (3, 1, 1)
     assert (counts.spool_depth, counts.agents_with_gaps, counts.events) == (120, 1, 25)
     assert counts.open_alerts == {("threshold", "new"): 1, ("security", "new"): 1}
+    assert (counts.max_cpu_percent, counts.max_rss_bytes) == (1.5, 70 * 2**20)  # not revoked
 
 
 def test_ingest_counts_what_it_stores_and_refuses(store: SqliteStore) -> None:

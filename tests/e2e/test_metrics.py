@@ -83,6 +83,10 @@ def test_health_and_counts_of_a_collector_at_work(
     assert found['exfilwatch_agents{state="revoked"}'] == 0
     assert found["exfilwatch_rules_restoring"] == 0
     assert found["exfilwatch_batches_refused_total"] == 0
+    # The real agent's heartbeat said what it costs its workstation.
+    (agent,) = collector.cli_json("agents", "list")
+    assert isinstance(agent["rss_bytes"], int) and 10 * 2**20 < agent["rss_bytes"] < 2**31
+    assert found["exfilwatch_agent_rss_bytes_max"] > 10 * 2**20
     # Counts only: no host, user or file name reaches the monitoring port.
     _, _, text = get(collector.metrics + "/metrics")
     assert "agent-host" not in text and "doc0" not in text and ".docx" not in text

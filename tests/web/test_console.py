@@ -303,6 +303,11 @@ def test_events_search_and_agents(web: Web, signed_in: tuple[TestClient, str]) -
     assert len(stamps.findall(first)) == 25 and len(stamps.findall(second)) == 21
     agents = client.get("/agents").text
     assert "lt-0412" in agents and "Revoke" not in agents  # analysts do not revoke
+    assert "<th>CPU</th><th>Memory</th>" in agents and "MiB" not in agents  # none reported
+    for agent in web.store.list_agents():
+        web.store.touch_agent(agent.agent_id, T0, cpu_percent=2.25, rss_bytes=71 * 2**20)
+    agents = client.get("/agents").text
+    assert '<td class="num">2.2%</td>' in agents and "71.0 MiB" in agents
 
 
 def test_admin_revokes_after_confirming_and_adds_users(web: Web) -> None:

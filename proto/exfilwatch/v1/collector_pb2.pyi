@@ -94,20 +94,24 @@ class BatchAck(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., batch_seq: _Optional[int] = ..., batch_digest: _Optional[bytes] = ..., duplicate: _Optional[bool] = ..., events_stored: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("agent_id", "sent_at_ns", "agent_version", "policy_revision", "spool_depth", "coverage_gaps")
+    __slots__ = ("agent_id", "sent_at_ns", "agent_version", "policy_revision", "spool_depth", "coverage_gaps", "cpu_percent", "rss_bytes")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_NS_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     POLICY_REVISION_FIELD_NUMBER: _ClassVar[int]
     SPOOL_DEPTH_FIELD_NUMBER: _ClassVar[int]
     COVERAGE_GAPS_FIELD_NUMBER: _ClassVar[int]
+    CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     sent_at_ns: int
     agent_version: str
     policy_revision: str
     spool_depth: int
     coverage_gaps: int
-    def __init__(self, agent_id: _Optional[str] = ..., sent_at_ns: _Optional[int] = ..., agent_version: _Optional[str] = ..., policy_revision: _Optional[str] = ..., spool_depth: _Optional[int] = ..., coverage_gaps: _Optional[int] = ...) -> None: ...
+    cpu_percent: float
+    rss_bytes: int
+    def __init__(self, agent_id: _Optional[str] = ..., sent_at_ns: _Optional[int] = ..., agent_version: _Optional[str] = ..., policy_revision: _Optional[str] = ..., spool_depth: _Optional[int] = ..., coverage_gaps: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., rss_bytes: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("server_time_ns", "last_batch_seq", "last_batch_digest")
