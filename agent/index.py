@@ -484,10 +484,23 @@ class FileHasher:
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.max_file_bytes = max_file_bytes
-        self._bucket = (
-            TokenBucket(max_rate, monotonic=monotonic, sleep=sleep) if max_rate > 0 else None
+        self._monotonic, self._sleep = monotonic, sleep
+        self.max_rate = 0
+        self._take: Callable[[int], None] | None = None
+        self.set_max_rate(max_rate)
+
+    def set_max_rate(self, max_rate: int) -> None:
+        """Change the cap (0 = off) while hashing goes on: reads from now on take from a
+        fresh bucket; a read already under way finishes under the old one."""
+        if max_rate < 0:
+            raise ValueError("max_rate must be >= 0")
+        bucket = (
+            TokenBucket(max_rate, monotonic=self._monotonic, sleep=self._sleep)
+            if max_rate > 0
+            else None
         )
-        self._take = None if self._bucket is None else self._bucket.take
+        self._take = None if bucket is None else bucket.take
+        self.max_rate = max_rate
 
     def _read_small(self, fd: int, size: int) -> bytes:
         """The first `size` bytes (fewer if the file shrank: the re-check catches that)."""

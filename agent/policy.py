@@ -38,6 +38,8 @@ class RunningPolicy:
     heartbeat_s: float
     refresh_s: float
     document: bytes
+    hash_rate: int = 0
+    """Bytes/s the fleet's hashing stays under (0: the agent's own hashing.max_rate only)."""
 
 
 def verify_policy(signed: bytes, public_key_raw: bytes) -> RunningPolicy:
@@ -65,6 +67,7 @@ def verify_policy(signed: bytes, public_key_raw: bytes) -> RunningPolicy:
         float(body.heartbeat_interval_s),
         float(body.refresh_interval_s),
         body.document,
+        body.hash_rate,
     )
 
 

@@ -36,6 +36,12 @@ from agent.watcher import ObservationQueue, Watcher
 logger = logging.getLogger(__name__)
 
 
+def stricter_rate(local: int, fleet: int) -> int:
+    """The lower of two byte rates, where 0 means no cap."""
+    caps = [rate for rate in (local, fleet) if rate > 0]
+    return min(caps) if caps else 0
+
+
 class AgentService:
     def __init__(
         self,
@@ -61,6 +67,7 @@ class AgentService:
         self._watcher: Watcher | None = None
         self._tracker: DestinationTracker | None = None
         self._pipeline: Pipeline | None = None
+        self._hasher: FileHasher | None = None
         self._attributor: Attributor | None = None
         self._reported: ReportedCopies | None = None
         self._supervisor: Supervisor | None = None
@@ -157,12 +164,14 @@ class AgentService:
         self._tracker = DestinationTracker(
             config, destinations, self._watcher, marks=self._attributor
         )
+        self._hasher = FileHasher(config.hashing.max_file_bytes, config.hashing.max_rate)
+        self._apply_policy()
         self._pipeline = Pipeline(
             config,
             index,
             CopyDetector(index),
             self._attributor,
-            FileHasher(config.hashing.max_file_bytes, config.hashing.max_rate),
+            self._hasher,
             self.emit,
             self._clock,
             observations=observations,
@@ -222,11 +231,22 @@ class AgentService:
                 now=now,
             )
             if now >= next_report:
+                self._apply_policy()
                 self._report(running=True, healthy=healthy)
                 next_report = now + self._status_interval
             if self.failure:
                 logger.error("%s: stopping so the service manager restarts the agent", self.failure)
                 return
+
+    def _apply_policy(self) -> None:
+        """Hash no faster than the stricter of hashing.max_rate and the policy's hash_rate."""
+        if self._hasher is None:
+            return
+        policy = self._shipper.policy.current if self._shipper is not None else None
+        rate = stricter_rate(self._config.hashing.max_rate, policy.hash_rate if policy else 0)
+        if rate != self._hasher.max_rate:
+            logger.info("hashing rate cap: %s", f"{rate} bytes/s" if rate else "none")
+            self._hasher.set_max_rate(rate)
 
     def _restart_watcher(self) -> None:
         """The supervisor's way to revive a dead watcher (with the roots added meanwhile)."""

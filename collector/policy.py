@@ -171,6 +171,8 @@ class AgentSettings:
     """An agent heard from neither by heartbeat nor upload for this long raises an alert."""
     refresh_ns: int = 5 * 60 * _NS_PER_S
     """How often agents ask for a newer policy."""
+    hash_rate: int = 0
+    """Bytes/s every agent's hashing stays under (0: each agent's own hashing.max_rate)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.heartbeat_ns < self.silent_after_ns:
@@ -296,7 +298,7 @@ def _parse_policy(data: object, default_revision: str | None) -> Policy:
 
 
 def _parse_agents(data: object, path: str) -> AgentSettings:
-    m = _mapping(data, path, optional=("heartbeat", "silent_after", "policy_refresh"))
+    m = _mapping(data, path, optional=("heartbeat", "silent_after", "policy_refresh", "hash_rate"))
     defaults = AgentSettings()
     values = {
         "heartbeat_ns": ("heartbeat", defaults.heartbeat_ns),
@@ -309,7 +311,14 @@ def _parse_agents(data: object, path: str) -> AgentSettings:
         else default
         for field_name, (key, default) in values.items()
     }
-    return _build(path, lambda: AgentSettings(**kwargs))
+    hash_rate, raw = 0, m.get("hash_rate")
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        raw = str(raw)  # bytes as a plain number
+    if raw not in (None, "0"):
+        hash_rate = _convert(raw, f"{path}.hash_rate", parse_size, "a size like 50MiB")
+        if hash_rate < 64 * 1024:
+            raise _Invalid(f"{path}.hash_rate", "at least 64KiB (per second), or 0 for none")
+    return _build(path, lambda: AgentSettings(**kwargs, hash_rate=hash_rate))
 
 
 def _parse_rule(data: object, path: str, ranks: Mapping[str, int]) -> Rule:

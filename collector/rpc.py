@@ -126,6 +126,7 @@ def sign_policy(
         heartbeat_interval_s=policy.agents.heartbeat_ns // 1_000_000_000,
         refresh_interval_s=policy.agents.refresh_ns // 1_000_000_000,
         document=policy.document,
+        hash_rate=policy.agents.hash_rate,
     ).SerializeToString()
     return collector_pb2.SignedPolicy(
         body=body,

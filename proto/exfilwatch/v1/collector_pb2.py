@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from exfilwatch.v1 import events_pb2 as exfilwatch_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65xfilwatch/v1/collector.proto\x12\rexfilwatch.v1\x1a\x1a\x65xfilwatch/v1/events.proto\"\x9c\x01\n\rEnrollRequest\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\x14\n\x0ctoken_secret\x18\x02 \x01(\t\x12\x1a\n\x12signing_public_key\x18\x03 \x01(\x0c\x12\x0f\n\x07\x63sr_der\x18\x04 \x01(\x0c\x12\x10\n\x08hostname\x18\x05 \x01(\t\x12\x15\n\ragent_version\x18\x06 \x01(\t\x12\r\n\x05proof\x18\x07 \x01(\x0c\"\x8d\x01\n\x0e\x45nrollResponse\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x1e\n\x16\x63lient_certificate_pem\x18\x02 \x01(\x0c\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x03 \x01(\x0c\x12\x12\n\nagent_port\x18\x04 \x01(\r\x12\x19\n\x11policy_public_key\x18\x05 \x01(\x0c\"\x1f\n\x0cRenewRequest\x12\x0f\n\x07\x63sr_der\x18\x01 \x01(\x0c\"/\n\rRenewResponse\x12\x1e\n\x16\x63lient_certificate_pem\x18\x01 \x01(\x0c\"&\n\rPolicyRequest\x12\x15\n\rhave_revision\x18\x01 \x01(\t\"\x81\x01\n\x0b\x41gentPolicy\x12\x10\n\x08revision\x18\x01 \x01(\t\x12\x14\n\x0cissued_at_ns\x18\x02 \x01(\x03\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\r\x12\x1a\n\x12refresh_interval_s\x18\x04 \x01(\r\x12\x10\n\x08\x64ocument\x18\x05 \x01(\x0c\"?\n\x0cSignedPolicy\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x0e\n\x06key_id\x18\x03 \x01(\x0c\"o\n\x08\x42\x61tchAck\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x11\n\tbatch_seq\x18\x02 \x01(\x04\x12\x14\n\x0c\x62\x61tch_digest\x18\x03 \x01(\x0c\x12\x11\n\tduplicate\x18\x04 \x01(\x08\x12\x15\n\revents_stored\x18\x05 \x01(\r\"\xbc\x01\n\x10HeartbeatRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x12\n\nsent_at_ns\x18\x02 \x01(\x03\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\x17\n\x0fpolicy_revision\x18\x04 \x01(\t\x12\x13\n\x0bspool_depth\x18\x05 \x01(\x04\x12\x15\n\rcoverage_gaps\x18\x06 \x01(\x04\x12\x13\n\x0b\x63pu_percent\x18\x07 \x01(\x01\x12\x11\n\trss_bytes\x18\x08 \x01(\x04\"^\n\x11HeartbeatResponse\x12\x16\n\x0eserver_time_ns\x18\x01 \x01(\x03\x12\x16\n\x0elast_batch_seq\x18\x02 \x01(\x04\x12\x19\n\x11last_batch_digest\x18\x03 \x01(\x0c\x32\xfd\x02\n\tCollector\x12\x45\n\x06\x45nroll\x12\x1c.exfilwatch.v1.EnrollRequest\x1a\x1d.exfilwatch.v1.EnrollResponse\x12\x42\n\x0bUploadBatch\x12\x1a.exfilwatch.v1.SignedBatch\x1a\x17.exfilwatch.v1.BatchAck\x12N\n\tHeartbeat\x12\x1f.exfilwatch.v1.HeartbeatRequest\x1a .exfilwatch.v1.HeartbeatResponse\x12M\n\x10RenewCertificate\x12\x1b.exfilwatch.v1.RenewRequest\x1a\x1c.exfilwatch.v1.RenewResponse\x12\x46\n\tGetPolicy\x12\x1c.exfilwatch.v1.PolicyRequest\x1a\x1b.exfilwatch.v1.SignedPolicyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65xfilwatch/v1/collector.proto\x12\rexfilwatch.v1\x1a\x1a\x65xfilwatch/v1/events.proto\"\x9c\x01\n\rEnrollRequest\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\x14\n\x0ctoken_secret\x18\x02 \x01(\t\x12\x1a\n\x12signing_public_key\x18\x03 \x01(\x0c\x12\x0f\n\x07\x63sr_der\x18\x04 \x01(\x0c\x12\x10\n\x08hostname\x18\x05 \x01(\t\x12\x15\n\ragent_version\x18\x06 \x01(\t\x12\r\n\x05proof\x18\x07 \x01(\x0c\"\x8d\x01\n\x0e\x45nrollResponse\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x1e\n\x16\x63lient_certificate_pem\x18\x02 \x01(\x0c\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x03 \x01(\x0c\x12\x12\n\nagent_port\x18\x04 \x01(\r\x12\x19\n\x11policy_public_key\x18\x05 \x01(\x0c\"\x1f\n\x0cRenewRequest\x12\x0f\n\x07\x63sr_der\x18\x01 \x01(\x0c\"/\n\rRenewResponse\x12\x1e\n\x16\x63lient_certificate_pem\x18\x01 \x01(\x0c\"&\n\rPolicyRequest\x12\x15\n\rhave_revision\x18\x01 \x01(\t\"\x94\x01\n\x0b\x41gentPolicy\x12\x10\n\x08revision\x18\x01 \x01(\t\x12\x14\n\x0cissued_at_ns\x18\x02 \x01(\x03\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\r\x12\x1a\n\x12refresh_interval_s\x18\x04 \x01(\r\x12\x10\n\x08\x64ocument\x18\x05 \x01(\x0c\x12\x11\n\thash_rate\x18\x06 \x01(\x04\"?\n\x0cSignedPolicy\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x0e\n\x06key_id\x18\x03 \x01(\x0c\"o\n\x08\x42\x61tchAck\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x11\n\tbatch_seq\x18\x02 \x01(\x04\x12\x14\n\x0c\x62\x61tch_digest\x18\x03 \x01(\x0c\x12\x11\n\tduplicate\x18\x04 \x01(\x08\x12\x15\n\revents_stored\x18\x05 \x01(\r\"\xbc\x01\n\x10HeartbeatRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x12\n\nsent_at_ns\x18\x02 \x01(\x03\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\x17\n\x0fpolicy_revision\x18\x04 \x01(\t\x12\x13\n\x0bspool_depth\x18\x05 \x01(\x04\x12\x15\n\rcoverage_gaps\x18\x06 \x01(\x04\x12\x13\n\x0b\x63pu_percent\x18\x07 \x01(\x01\x12\x11\n\trss_bytes\x18\x08 \x01(\x04\"^\n\x11HeartbeatResponse\x12\x16\n\x0eserver_time_ns\x18\x01 \x01(\x03\x12\x16\n\x0elast_batch_seq\x18\x02 \x01(\x04\x12\x19\n\x11last_batch_digest\x18\x03 \x01(\x0c\x32\xfd\x02\n\tCollector\x12\x45\n\x06\x45nroll\x12\x1c.exfilwatch.v1.EnrollRequest\x1a\x1d.exfilwatch.v1.EnrollResponse\x12\x42\n\x0bUploadBatch\x12\x1a.exfilwatch.v1.SignedBatch\x1a\x17.exfilwatch.v1.BatchAck\x12N\n\tHeartbeat\x12\x1f.exfilwatch.v1.HeartbeatRequest\x1a .exfilwatch.v1.HeartbeatResponse\x12M\n\x10RenewCertificate\x12\x1b.exfilwatch.v1.RenewRequest\x1a\x1c.exfilwatch.v1.RenewResponse\x12\x46\n\tGetPolicy\x12\x1c.exfilwatch.v1.PolicyRequest\x1a\x1b.exfilwatch.v1.SignedPolicyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,15 +43,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_POLICYREQUEST']._serialized_start=461
   _globals['_POLICYREQUEST']._serialized_end=499
   _globals['_AGENTPOLICY']._serialized_start=502
-  _globals['_AGENTPOLICY']._serialized_end=631
-  _globals['_SIGNEDPOLICY']._serialized_start=633
-  _globals['_SIGNEDPOLICY']._serialized_end=696
-  _globals['_BATCHACK']._serialized_start=698
-  _globals['_BATCHACK']._serialized_end=809
-  _globals['_HEARTBEATREQUEST']._serialized_start=812
-  _globals['_HEARTBEATREQUEST']._serialized_end=1000
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1002
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1096
-  _globals['_COLLECTOR']._serialized_start=1099
-  _globals['_COLLECTOR']._serialized_end=1480
+  _globals['_AGENTPOLICY']._serialized_end=650
+  _globals['_SIGNEDPOLICY']._serialized_start=652
+  _globals['_SIGNEDPOLICY']._serialized_end=715
+  _globals['_BATCHACK']._serialized_start=717
+  _globals['_BATCHACK']._serialized_end=828
+  _globals['_HEARTBEATREQUEST']._serialized_start=831
+  _globals['_HEARTBEATREQUEST']._serialized_end=1019
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1021
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1115
+  _globals['_COLLECTOR']._serialized_start=1118
+  _globals['_COLLECTOR']._serialized_end=1499
 # @@protoc_insertion_point(module_scope)

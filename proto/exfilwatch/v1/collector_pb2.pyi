@@ -56,18 +56,20 @@ class PolicyRequest(_message.Message):
     def __init__(self, have_revision: _Optional[str] = ...) -> None: ...
 
 class AgentPolicy(_message.Message):
-    __slots__ = ("revision", "issued_at_ns", "heartbeat_interval_s", "refresh_interval_s", "document")
+    __slots__ = ("revision", "issued_at_ns", "heartbeat_interval_s", "refresh_interval_s", "document", "hash_rate")
     REVISION_FIELD_NUMBER: _ClassVar[int]
     ISSUED_AT_NS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     REFRESH_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    HASH_RATE_FIELD_NUMBER: _ClassVar[int]
     revision: str
     issued_at_ns: int
     heartbeat_interval_s: int
     refresh_interval_s: int
     document: bytes
-    def __init__(self, revision: _Optional[str] = ..., issued_at_ns: _Optional[int] = ..., heartbeat_interval_s: _Optional[int] = ..., refresh_interval_s: _Optional[int] = ..., document: _Optional[bytes] = ...) -> None: ...
+    hash_rate: int
+    def __init__(self, revision: _Optional[str] = ..., issued_at_ns: _Optional[int] = ..., heartbeat_interval_s: _Optional[int] = ..., refresh_interval_s: _Optional[int] = ..., document: _Optional[bytes] = ..., hash_rate: _Optional[int] = ...) -> None: ...
 
 class SignedPolicy(_message.Message):
     __slots__ = ("body", "signature", "key_id")
