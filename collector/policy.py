@@ -230,7 +230,8 @@ def load_policy(path: Path) -> Policy:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{source}: not UTF-8 text (byte {e.start})") from e
     try:
-        _reject_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), source)
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        _reject_duplicate_keys(root, source)
         data = yaml.safe_load(text)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
@@ -238,18 +239,54 @@ def load_policy(path: Path) -> Policy:
         raise ConfigError(f"{source}: {where}invalid YAML: {e.problem or e.context}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: invalid YAML: {e}") from e
-    policy = parse_policy(data, source, default_revision=hashlib.sha256(raw).hexdigest()[:12])
+    policy = parse_policy(
+        data,
+        source,
+        default_revision=hashlib.sha256(raw).hexdigest()[:12],
+        line_of=lambda key: _line_of(root, key),
+    )
     return dataclasses.replace(policy, document=raw)
 
 
-def parse_policy(data: object, source: str, *, default_revision: str | None = None) -> Policy:
+def parse_policy(
+    data: object,
+    source: str,
+    *,
+    default_revision: str | None = None,
+    line_of: Callable[[str], int | None] = lambda key: None,
+) -> Policy:
     """Validate already-parsed YAML. Without `revision` in the data, use `default_revision`,
-    else the first 12 hex digits of a sha256 over the data's canonical JSON."""
+    else the first 12 hex digits of a sha256 over the data's canonical JSON. An error names
+    the key, and the line `line_of` finds for it (`load_policy`: the file's)."""
     try:
         return _parse_policy(data, default_revision)
     except _Invalid as e:
-        where = f"{source}: {e.path}: " if e.path else f"{source}: "
-        raise ConfigError(where + e.message) from e
+        line = line_of(e.path) if e.path else None
+        where = f"{source}: " + (f"line {line}: " if line else "")
+        raise ConfigError(where + (f"{e.path}: " if e.path else "") + e.message) from e
+
+
+_KEY_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def _line_of(root: yaml.Node | None, key: str) -> int | None:
+    """The line (1-based) of a key such as `rules[0].threshold.bytes` in the composed file;
+    for a key that is missing there, the line of the nearest one above it."""
+    node, line = root, None
+    for name, index in _KEY_PART.findall(key):
+        found: yaml.Node | None = None
+        if name and isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.value == name:
+                    found, line = v, k.start_mark.line + 1
+                    break
+        elif index and isinstance(node, yaml.SequenceNode) and int(index) < len(node.value):
+            found = node.value[int(index)]
+            line = found.start_mark.line + 1
+        if found is None:
+            break
+        node = found
+    return line
 
 
 class _Invalid(Exception):

@@ -348,3 +348,45 @@ def _rules(**overrides: object) -> list[dict[str, object]]:
     }
     rule.update(overrides)
     return [rule]
+
+
+GOOD = """\
+labels: [public, internal, confidential]
+rules:
+  - name: burst
+    match: {min_label: confidential, destinations: [removable]}
+    group_by: [user]
+    window: 10m
+    threshold: {files: 20}
+    severity: high
+  - name: slow
+    match:
+      min_label: confidential
+      destinations: [removable, network_share]
+    group_by: [user]
+    window: 30d
+    threshold:
+      files: 30
+      bytes: 5MiB
+    severity: medium
+"""
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("bytes: 5MiB", "bytes: lots",
+         "line 17: rules[1].threshold.bytes: expected a size like 100MiB, got 'lots'"),
+        ("[removable, network_share]", "[removable, floppy]",
+         "line 12: rules[1].match.destinations[1]: expected one of"),
+        ("    severity: medium\n", "", "line 9: rules[1]: missing key 'severity'"),
+        ("rules:", "agents: {hash_rate: 1KiB}\nrules:",
+         "line 2: agents.hash_rate: at least 64KiB"),
+    ],
+)  # fmt: skip
+def test_a_bad_value_names_its_line_and_key(write, old: str, new: str, message: str) -> None:
+    assert load_policy(write(GOOD)).rules[1].name == "slow"
+    path = write(GOOD.replace(old, new, 1))
+    with pytest.raises(ConfigError) as info:
+        load_policy(path)
+    assert str(info.value).startswith(f"{path}: {message}"), str(info.value)
