@@ -23,9 +23,10 @@ from collector import queries
 from collector.detection.cumulative import WindowEvent
 from collector.detection.engine import Selector
 from collector.detection.risk import Contribution, Term
-from collector.detection.sqlhistory import SqlHistory
+from collector.detection.sqlhistory import DEVICE_SQL, SqlHistory
 from collector.errors import StoreError
-from collector.models import AlertKind, AlertStatus, GroupKey, Severity, StoredEvent
+from collector.longalerts import device_key
+from collector.models import AlertKind, AlertStatus, DeviceView, GroupKey, Severity, StoredEvent
 from collector.records import AgentRecord, AlertRecord
 from collector.web.filters import AlertFilter, EventFilter, PageRequest
 
@@ -332,6 +333,21 @@ class Reader:
         with self.connection() as con:
             rows = con.execute(sql, [alert.alert_id, alert.kind.value, *params, limit]).fetchall()
         return [_summary(r) for r in rows]
+
+    def device_first_used(self, user: str, device: DeviceView) -> int | None:
+        """When `user` first copied to `device` (the long rules' identity of it: serial, file
+        system UUID, a share's remote, else its mount point), as far as the store goes back.
+
+        It walks the user's events oldest first through (user, observed_at_ns) and stops at
+        the first on the device: at worst every event of that user, never the whole store.
+        """
+        sql = (
+            f"SELECT observed_at_ns FROM events WHERE user = ? AND {DEVICE_SQL} = ?"  # noqa: S608
+            " ORDER BY observed_at_ns LIMIT 1"
+        )
+        with self.connection() as con:
+            row = con.execute(sql, (user, device_key(device))).fetchone()
+        return None if row is None else int(row[0])
 
     # -- long rules and the rules page ------------------------------------------------
 

@@ -4,6 +4,7 @@ escaping, pagination, decisions and the trail they leave."""
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import re
 import time
@@ -200,6 +201,28 @@ def test_a_network_share_shows_its_remote_as_text(
     html = client.get(f"/alerts/{alert.alert_id}").text
     assert "<dt>remote</dt>" in html
     assert "//203.0.113.9/&lt;b&gt;drop&lt;/b&gt;" in html and "<b>drop" not in html
+
+
+def test_the_device_panel_says_when_the_user_first_used_the_stick(
+    web: Web, signed_in: tuple[TestClient, str]
+) -> None:
+    client, _ = signed_in
+    copies = [e for e in web.store.list_events(limit=1000) if e.device is not None]
+    first = min(e.observed_at_ns for e in copies)
+    html = client.get(f"/alerts/{web.alert_id}").text
+    shown = dt.datetime.fromtimestamp(first / 1e9, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    assert f"<dt>first used</dt><dd>by alice {shown}" in html
+    # A month earlier alice had copied one file to the same stick: that is the first use.
+    agent = new_agent()
+    enroll(web.store, agent)
+    chain = BatchChain(agent, now_ns=first - 30 * 86_400 * 10**9)
+    Ingestor(web.store, load_policy(POLICY)).upload(
+        chain.next(n=1).raw, agent.agent_id, first - 30 * 86_400 * 10**9 + 10**10
+    )
+    html = client.get(f"/alerts/{web.alert_id}").text
+    month_ago = first - 30 * 86_400 * 10**9 + 10**9
+    shown = dt.datetime.fromtimestamp(month_ago / 1e9, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    assert f"<dt>first used</dt><dd>by alice {shown}" in html
 
 
 def test_decisions_reach_history_and_trail(web: Web, signed_in: tuple[TestClient, str]) -> None:

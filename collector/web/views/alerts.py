@@ -11,6 +11,7 @@ import io
 import json
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from starlette.datastructures import FormData
 from starlette.requests import Request
@@ -76,9 +77,26 @@ def _processes(events: Sequence[StoredEvent]) -> list[tuple[ProcessView, int]]:
     return counts.most_common(5)
 
 
-def _devices(events: Sequence[StoredEvent]) -> list[tuple[DeviceView, int]]:
+@dataclass(frozen=True)
+class DeviceUse:
+    device: DeviceView
+    events: int
+    """Events of the page on it."""
+    user: str
+    """Who copied to it on this page (the most frequent)."""
+    first_ns: int | None
+    """When that user first copied to it, as far as the store goes back."""
+
+
+def _devices(request: Request, events: Sequence[StoredEvent]) -> list[DeviceUse]:
     counts = Counter(e.device for e in events if e.device is not None)
-    return counts.most_common(5)
+    uses = []
+    for device, n in counts.most_common(5):
+        users = Counter(e.user for e in events if e.device == device and e.user)
+        user = users.most_common(1)[0][0] if users else ""
+        first = console_of(request).reader.device_first_used(user, device) if user else None
+        uses.append(DeviceUse(device, n, user, first))
+    return uses
 
 
 def _ending(request: Request, alert: AlertSummary) -> str:
@@ -128,7 +146,7 @@ def alert_page(request: Request) -> Response:
         fpages=fpage.pages(alert.files),
         agent=console.reader.agent(alert.agent_id),
         processes=_processes(events),
-        devices=_devices(events),
+        devices=_devices(request, events),
         earlier=[(a, _ending(request, a)) for a in earlier],
         notes=console.triage.notes(alert.alert_id),
         history=console.triage.history(alert.alert_id),
