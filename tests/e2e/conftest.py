@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,14 +21,26 @@ def set_label(path: Path, label: str) -> None:
         pytest.skip(f"filesystem under {path.parent} rejects user.* xattrs: {e}")
 
 
-@pytest.fixture
-def collector(tmp_path: Path) -> Iterator[Collector]:
-    c = Collector(tmp_path / "collector", POLICY, tmp_path / "collector.log")
+@contextmanager
+def running_collector(
+    tmp_path: Path, policy: Path = POLICY, serve_args: Sequence[str] = ()
+) -> Iterator[Collector]:
+    """`collector init` and `serve` in tmp_path/collector, stopped at the end."""
+    c = Collector(tmp_path / "collector", policy, tmp_path / "collector.log", serve_args)
     c.init()
     c.start()
-    yield c
-    if c.proc is not None:
-        c.stop()
+    try:
+        yield c
+    finally:
+        if c.proc is not None:
+            c.stop()
+
+
+@pytest.fixture
+def collector(tmp_path: Path) -> Iterator[Collector]:
+    """A module may define its own `collector` (make_agent enrols with that one)."""
+    with running_collector(tmp_path) as c:
+        yield c
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import POLICY, AgentFactory
+from tests.e2e.conftest import POLICY, AgentFactory, running_collector
 from tests.procs import Collector, wait_until
 
 
@@ -18,12 +18,8 @@ def collector(tmp_path: Path) -> Iterator[Collector]:
     text = POLICY.read_text()
     assert "\nagents:\n" in text
     policy.write_text(text.replace("\nagents:\n", "\nagents:\n  hash_rate: 3MiB\n", 1))
-    c = Collector(tmp_path / "collector", policy, tmp_path / "collector.log")
-    c.init()
-    c.start()
-    yield c
-    if c.proc is not None:
-        c.stop()
+    with running_collector(tmp_path, policy) as c:
+        yield c
 
 
 def test_the_fleet_cap_is_applied_by_the_agent(make_agent: AgentFactory) -> None:
