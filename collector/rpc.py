@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 SERVICE = "exfilwatch.v1.Collector"
 MAX_CPU_PERCENT = 100_000.0
 """A heartbeat's CPU figure is capped here: 1,000 cores' worth."""
+_MAX_INT = 2**63 - 1
+"""SQLite's largest integer: a heartbeat's counts are capped here."""
 
 # Most specific first: the first matching class decides.
 _STATUS: tuple[tuple[type[CollectorError], grpc.StatusCode], ...] = (
@@ -260,12 +262,12 @@ class Handlers:
             sent_at_ns=msg.sent_at_ns,
             agent_version=msg.agent_version[:64],
             policy_revision=msg.policy_revision[:128],
-            spool_depth=msg.spool_depth,
-            coverage_gaps=msg.coverage_gaps,
             # Reported, not trusted: a NaN, a negative or an absurd figure is shown as 0 or
             # capped, never stored as sent (SQLite's integers stop at 2**63 - 1).
+            spool_depth=min(msg.spool_depth, _MAX_INT),
+            coverage_gaps=min(msg.coverage_gaps, _MAX_INT),
             cpu_percent=min(msg.cpu_percent, MAX_CPU_PERCENT) if msg.cpu_percent >= 0 else 0.0,
-            rss_bytes=min(msg.rss_bytes, 2**63 - 1),
+            rss_bytes=min(msg.rss_bytes, _MAX_INT),
         )
         try:
             reply = self._ingest.heartbeat(hb, self._clock_ns())

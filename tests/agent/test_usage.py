@@ -78,7 +78,11 @@ def test_heartbeats_carry_the_cost_to_the_collector(
     ],
 )
 def test_absurd_figures_are_not_stored_as_sent(
-    inproc_collector: InProcessCollector, tmp_path: Path, cpu: float, rss: int, stored: object
+    inproc_collector: InProcessCollector,
+    tmp_path: Path,
+    cpu: float,
+    rss: int,
+    stored: tuple[float, int],
 ) -> None:
     identity, spool = _agent(inproc_collector, tmp_path)
     spool.close()
@@ -87,9 +91,11 @@ def test_absurd_figures_are_not_stored_as_sent(
     with grpc.secure_channel(identity.target, creds) as channel:
         collector_pb2_grpc.CollectorStub(channel).Heartbeat(
             collector_pb2.HeartbeatRequest(
-                agent_id=identity.agent_id, cpu_percent=cpu, rss_bytes=rss
+                agent_id=identity.agent_id, cpu_percent=cpu, rss_bytes=rss, spool_depth=rss,
+                coverage_gaps=rss,
             ),
             timeout=30,
-        )
+        )  # fmt: skip
     agent = inproc_collector.store.get_agent(identity.agent_id)
     assert agent is not None and (agent.cpu_percent, agent.rss_bytes) == stored
+    assert agent.spool_depth == agent.coverage_gaps == stored[1]
