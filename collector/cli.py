@@ -29,7 +29,7 @@ from collector.dryrun import dry_run
 from collector.enroll import Enrollment
 from collector.errors import CollectorError, ConfigError, StoreError
 from collector.ingest import Ingestor, IngestSettings
-from collector.metrics import Health, Metrics, MetricsServer, store_gauges
+from collector.metrics import Gauge, Health, Metrics, MetricsServer, store_gauges
 from collector.monitor import Monitor
 from collector.policy import Policy, load_policy, parse_duration
 from collector.records import AgentRecord
@@ -203,9 +203,13 @@ def _metrics_server(
     host, port = split_hostport(args.metrics_listen, "--metrics-listen")
     silent_after = policy.agents.silent_after_ns
 
+    build = Gauge(
+        "exfilwatch_build_info", "The collector's version.", [({"version": __version__}, 1)]
+    )
+
     def render() -> str:
         counts = store.counts(time.time_ns() - silent_after)
-        return metrics.render(store_gauges(counts, restoring=ingest.restoring))
+        return metrics.render([build, *store_gauges(counts, restoring=ingest.restoring)])
 
     def health() -> Health:
         if ingest.restore_error is not None:

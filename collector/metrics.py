@@ -16,6 +16,7 @@ from __future__ import annotations
 import http.server
 import json
 import logging
+import math
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -124,9 +125,19 @@ def _samples(name: str, samples: Iterable[tuple[Mapping[str, str], float]]) -> l
     out = []
     for labels, value in samples:
         text = ",".join(f'{k}="{_label_value(v)}"' for k, v in sorted(labels.items()))
-        number = repr(float(value)) if value != int(value) else str(int(value))
+        number = _number(value)
         out.append(f"{name}{{{text}}} {number}" if text else f"{name} {number}")
     return out
+
+
+def _number(value: float) -> str:
+    """A sample value as the text format writes it: integers without a point, and the
+    format's own spellings for what is not finite."""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return str(int(value)) if value == int(value) else repr(float(value))
 
 
 def _label_value(value: str) -> str:

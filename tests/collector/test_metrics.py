@@ -3,11 +3,13 @@ what ingest counts (in process; tests/e2e/test_metrics.py serves them from a rea
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from collector.errors import SignatureError
 from collector.ingest import Ingestor
-from collector.metrics import Metrics, store_gauges
+from collector.metrics import Gauge, Metrics, store_gauges
 from collector.policy import load_policy
 from collector.records import StoreCounts
 from collector.store import SqliteStore
@@ -32,6 +34,12 @@ def test_counters_render_at_zero_then_by_label() -> None:
     assert "exfilwatch_batches_refused_total 0" not in text  # labelled samples replace the 0
     with pytest.raises(ValueError, match="unknown counter"):
         m.add("exfilwatch_typo_total")
+
+
+def test_values_that_are_not_finite_use_the_formats_spellings() -> None:
+    gauges = [Gauge("g", "help", [({"k": "nan"}, math.nan), ({"k": "inf"}, math.inf)])]
+    text = Metrics().render(gauges)
+    assert 'g{k="nan"} NaN\n' in text and 'g{k="inf"} +Inf\n' in text
 
 
 def test_store_counts_become_gauges() -> None:

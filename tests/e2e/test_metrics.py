@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from collector import __version__ as collector_version
 from tests.e2e.conftest import AgentFactory, running_collector
 from tests.e2e.test_agent_to_collector import make_files
 from tests.procs import Collector, wait_until
@@ -77,6 +78,7 @@ def test_health_and_counts_of_a_collector_at_work(
     assert found['exfilwatch_agents{state="active"}'] == 1
     assert found['exfilwatch_agents{state="revoked"}'] == 0
     assert found["exfilwatch_rules_restoring"] == 0
+    assert found[f'exfilwatch_build_info{{version="{collector_version}"}}'] == 1
     assert found["exfilwatch_batches_refused_total"] == 0
     # The real agent's heartbeat said what it costs its workstation.
     (agent,) = collector.cli_json("agents", "list")
