@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,32 +48,34 @@ class InProcessCollector:
         return str(token)
 
 
-@pytest.fixture
-def inproc_collector(
-    tmp_path: Path, request: pytest.FixtureRequest
+@contextmanager
+def serving(
+    data: Path,
+    *,
+    clock: Callable[[], int] = time.time_ns,
+    decode_workers: int = 0,
+    rpc_workers: int = 4,
 ) -> Iterator[InProcessCollector]:
-    """A collector server in this process. Indirect parameter: its number of decode worker
-    processes (default 0: uploads are decoded in the server's threads)."""
-    data = tmp_path / "collector"
+    """A collector initialised in `data` and serving on free loopback ports, in this
+    process, with `clock` as its time; stopped and closed at the end."""
     pki.init_pki(data)
     authority = pki.Authority.load(data)
     store = SqliteStore.open(data / "collector.db")
     policy = load_policy(POLICY)
-    workers = int(getattr(request, "param", 0))
-    decoder = PoolDecoder(workers) if workers else None
+    decoder = PoolDecoder(decode_workers) if decode_workers else None
     ingest = Ingestor(store, policy, decoder=decoder)
-    ingest.restore(time.time_ns())
+    ingest.restore(clock())
     ports: dict[str, int] = {}
     handlers = Handlers(
         ingest,
         Enrollment(store, authority),
         authority,
-        time.time_ns,
+        clock,
         lambda: ports["agent"],
         policy=policy,
     )
     bound = create_server(
-        handlers, authority, listen="127.0.0.1:0", enroll_listen="127.0.0.1:0", workers=4
+        handlers, authority, listen="127.0.0.1:0", enroll_listen="127.0.0.1:0", workers=rpc_workers
     )
     ports["agent"] = bound.agent_port
     bound.server.start()
@@ -83,6 +86,17 @@ def inproc_collector(
         if decoder is not None:
             decoder.close()
         store.close()
+
+
+@pytest.fixture
+def inproc_collector(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[InProcessCollector]:
+    """A collector server in this process. Indirect parameter: its number of decode worker
+    processes (default 0: uploads are decoded in the server's threads)."""
+    workers = int(getattr(request, "param", 0))
+    with serving(tmp_path / "collector", decode_workers=workers) as collector:
+        yield collector
 
 
 @pytest.fixture(autouse=True)

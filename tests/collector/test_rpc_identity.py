@@ -11,14 +11,8 @@ import pytest
 
 from agent.enroll import enroll
 from collector import pki
-from collector.enroll import Enrollment
-from collector.ingest import Ingestor
-from collector.policy import load_policy
-from collector.rpc import Handlers
-from collector.server import create_server
-from collector.store import SqliteStore
 from exfilwatch.v1 import collector_pb2, collector_pb2_grpc
-from tests.conftest import POLICY
+from tests.conftest import InProcessCollector, serving
 
 DAY_NS = 86_400 * 10**9
 
@@ -32,51 +26,19 @@ class Clock:
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[SqliteStore, pki.Authority, Clock, str, str]]:
-    data = tmp_path / "collector"
-    pki.init_pki(data)
-    authority = pki.Authority.load(data)
+def served(tmp_path: Path) -> Iterator[tuple[InProcessCollector, Clock]]:
     clock = Clock()
-    ports: dict[str, int] = {}
-    with SqliteStore.open(data / "collector.db") as store:
-        policy = load_policy(POLICY)
-        handlers = Handlers(
-            Ingestor(store, policy),
-            Enrollment(store, authority),
-            authority,
-            clock,
-            lambda: ports["agent"],
-            policy=policy,
-        )
-        bound = create_server(
-            handlers, authority, listen="127.0.0.1:0", enroll_listen="127.0.0.1:0", workers=2
-        )
-        ports["agent"] = bound.agent_port
-        bound.server.start()
-        try:
-            yield (
-                store,
-                authority,
-                clock,
-                f"127.0.0.1:{bound.enroll_port}",
-                f"127.0.0.1:{bound.agent_port}",
-            )
-        finally:
-            bound.server.stop(grace=None).wait()
-
-
-def _token(store: SqliteStore, authority: pki.Authority) -> str:
-    token = pki.new_token(authority.fingerprint)
-    now = time.time_ns()
-    store.add_token(token.token_id, pki.secret_hash(token.secret), now, now + DAY_NS, 1)
-    return str(token)
+    with serving(tmp_path / "collector", clock=clock, rpc_workers=2) as collector:
+        yield collector, clock
 
 
 def test_a_remembered_certificate_is_refused_once_it_expires(
-    served: tuple[SqliteStore, pki.Authority, Clock, str, str], tmp_path: Path
+    served: tuple[InProcessCollector, Clock], tmp_path: Path
 ) -> None:
-    store, authority, clock, enroll_address, _ = served
-    identity = enroll(enroll_address, _token(store, authority), tmp_path / "state", "h")
+    collector, clock = served
+    store = collector.store
+    token = collector.token(ttl_s=DAY_NS // 10**9)
+    identity = enroll(collector.enroll_address, token, tmp_path / "state", "h")
     credentials = grpc.ssl_channel_credentials(*identity.tls_material())
     with grpc.secure_channel(identity.target, credentials) as channel:
         stub = collector_pb2_grpc.CollectorStub(channel)
