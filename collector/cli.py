@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, TextIO
 from collector import __version__, cli_console, pki
 from collector import policy as policy_mod
 from collector.audit import verify_store
-from collector.decoding import PoolDecoder, default_workers
+from collector.decoding import default_workers
 from collector.directory import load_directory
 from collector.dryrun import dry_run
 from collector.enroll import Enrollment
 from collector.errors import CollectorError, ConfigError, StoreError
-from collector.ingest import Ingestor, IngestSettings
+from collector.ingest import IngestSettings
+from collector.ingestproc import IngestConfig, IngestProcess
 from collector.metrics import Gauge, Health, Metrics, MetricsServer, store_gauges
 from collector.monitor import Monitor
 from collector.policy import Policy, load_policy, parse_duration
@@ -109,15 +110,24 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     policy = load_policy(args.policy)
     authority = pki.Authority.load(args.data)
     store = open_store(args.data)
-    decoder: PoolDecoder | None = None
+    ingest: IngestProcess | None = None
     try:
         directory = load_directory(args.directory) if args.directory else None
         settings = IngestSettings(max_future_skew_ns=args.max_future_skew)
-        if args.decode_workers:
-            decoder = PoolDecoder(args.decode_workers)
-            decoder.start()  # the workers import while the ports are bound
         metrics = Metrics()
-        ingest = Ingestor(store, policy, settings, directory, decoder, metrics=metrics)
+        ingest = IngestProcess(
+            IngestConfig(
+                database=args.data / DB_FILE,
+                synchronous="FULL",
+                policy_document=policy.document,
+                policy_source=str(args.policy),
+                settings=settings,
+                directory=directory,
+                decode_workers=args.decode_workers,
+            ),
+            metrics,
+        )
+        ingest.start()
         holder: dict[str, int] = {}
         handlers = Handlers(
             ingest,
@@ -145,7 +155,7 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         # Listen first: the rules' windows are rebuilt meanwhile, and only uploads wait.
-        restoring = ingest.restore_in_background(time.time_ns(), on_failure=stop.set)
+        restoring = ingest.restore_in_background(on_failure=stop.set)
         silent_after = policy.agents.silent_after_ns
         monitor = Monitor(
             store, silent_after, time.time_ns, interval_s=min(60.0, silent_after / 4e9)
@@ -181,8 +191,8 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         if ingest.restore_error is not None:
             raise StoreError(f"stopped: {ingest.restore_error}")
     finally:
-        if decoder is not None:
-            decoder.close()
+        if ingest is not None:
+            ingest.close()
         store.close()
     return 0
 
@@ -194,7 +204,11 @@ class _Monitoring:
 
 
 def _metrics_server(
-    args: argparse.Namespace, store: SqliteStore, ingest: Ingestor, metrics: Metrics, policy: Policy
+    args: argparse.Namespace,
+    store: SqliteStore,
+    ingest: IngestProcess,
+    metrics: Metrics,
+    policy: Policy,
 ) -> _Monitoring | None:
     """`/metrics` and `/healthz` (collector.metrics), bound but not started; None unless
     --metrics-listen."""
@@ -460,8 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--decode-workers", type=workers_arg, default=default_workers(),
-        help="processes that verify and decode uploads beside the writer; 0: in the RPC"
-        f" threads (default: one per CPU but one, at most 4: {default_workers()} here)",
+        help="processes that verify and decode uploads beside the ingest process's writer;"
+        " 0: its reader thread does"
+        f" (default: one per CPU but one, at most 4: {default_workers()} here)",
     )  # fmt: skip
     p.add_argument("--no-console", action="store_true", help="do not serve the web console")
     p.add_argument(

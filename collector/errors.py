@@ -11,6 +11,7 @@ CollectorError
 ├── TriageError             illegal status change, missing reason, bad assignee or note (exit 2)
 ├── TrailError              a trail entry that cannot be recorded (exit code 2)
 ├── DecoderUnavailableError a decode worker died or is stopping  -> UNAVAILABLE (retried)
+├── IngestUnavailableError  the ingest process died or is stopping -> UNAVAILABLE (retried)
 └── IngestError             a batch was refused (nothing stored)
     ├── MalformedBatchError     cannot be parsed / fields invalid      -> INVALID_ARGUMENT
     ├── UnknownAgentError       no enrolled agent for this identity    -> UNAUTHENTICATED
@@ -86,6 +87,11 @@ class TrailError(CollectorError):
 class DecoderUnavailableError(CollectorError):
     """An upload could not be verified and decoded for want of a worker (one died, or the
     collector is stopping). Not the agent's fault: it sends the batch again."""
+
+
+class IngestUnavailableError(CollectorError):
+    """The ingest process (collector.ingestproc) died or is stopping while it held the
+    call. Nothing was acknowledged: the agent sends the batch again."""
 
 
 class IngestError(CollectorError):

@@ -1,6 +1,7 @@
 """Ingest: verify a signed batch, then store it and run the threshold rules in one transaction.
 
-Framework-free: the gRPC servicer calls `upload`; tests call it directly. Batches that
+Framework-free: `serve` runs it in its ingest process (collector.ingestproc), which calls
+its steps from its own threads; tests and the in-process server call `upload`. Batches that
 arrive while another is being written share the next transaction (collector.groupcommit),
 each acknowledged only once that transaction committed.
 A refused batch stores nothing but a (deduplicated) security alert. A batch dated
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 from collector import restore
 from collector.codec import decode_signed_batch
-from collector.decoding import Decoder, InlineDecoder
+from collector.decoding import Signed, verify_and_prepare
 from collector.detection.engine import LongRuleEngine
 from collector.detection.sqlhistory import SqlHistory
 from collector.directory import Directory
@@ -40,7 +41,7 @@ from collector.render import human_duration
 from collector.rpc import Ack, Heartbeat, HeartbeatReply
 from collector.store import AfterEvents, BatchWrite, PreparedBatch, SqliteStore
 from collector.thresholds import ThresholdEngine
-from collector.verify import future_skew_ns
+from collector.verify import AgentKey, ChainHead, future_skew_ns
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ EXPIRE_EVERY_NS = 60 * 1_000_000_000
 MAX_GROUP = 64
 """Most uploads one transaction holds. In practice the server's RPC threads bound a group
 (each waits in it with its caller's batch); this only bounds the worst case."""
+RESTORING = "the rule windows are still being restored; retry"
+"""Why an upload fails that waited restore_wait_s for the windows (StoreError: retried)."""
 CLOCK_SKEW_FUTURE = "clock_skew_future"
 """Kind of the security alert for batches dated too far ahead of the collector's clock."""
 
@@ -70,7 +73,7 @@ class IngestSettings:
 
 
 @dataclass(frozen=True)
-class _Pending:
+class Pending:
     """A verified upload waiting for its group commit."""
 
     prepared: PreparedBatch
@@ -89,14 +92,11 @@ class Ingestor:
         policy: Policy,
         settings: IngestSettings | None = None,
         directory: Directory | None = None,
-        decoder: Decoder | None = None,
         metrics: Metrics | None = None,
     ) -> None:
-        """`decoder` verifies and decodes uploads (default: in the caller's thread); the
-        caller owns it and closes it after the server stopped. `metrics` counts uploads."""
+        """`metrics` counts uploads."""
         self._store = store
         self._metrics = metrics or Metrics()
-        self._decoder = decoder or InlineDecoder()
         self._policy = policy
         self._settings = settings or IngestSettings()
         self._directory = directory or Directory()
@@ -105,7 +105,7 @@ class Ingestor:
         self._long = self._long_engine()
         # The engine is not thread-safe, and its state must move with the store's commits.
         self._lock = threading.Lock()
-        self._commits = GroupCommit(self._store_group, max_items=MAX_GROUP)
+        self._commits = GroupCommit(self.store_group, max_items=MAX_GROUP)
         self._last_expire_ns = 0
         self._restored = threading.Event()
         """Clear while `restore_in_background` runs: uploads wait for it, heartbeats do not."""
@@ -159,7 +159,7 @@ class Ingestor:
 
     def _wait_restored(self) -> None:
         if not self._restored.wait(self._settings.restore_wait_s):
-            raise StoreError("the rule windows are still being restored; retry")
+            raise StoreError(RESTORING)
         if self._restore_error is not None:
             raise StoreError(f"the rule windows could not be restored: {self._restore_error}")
 
@@ -221,23 +221,49 @@ class Ingestor:
         return ((CLOCK_SKEW_FUTURE, message, Severity.MEDIUM),)
 
     def upload(self, raw: bytes, tls_agent_id: str | None, now_ns: int) -> Ack:
+        """Verify, store and run the rules on one signed batch; its Ack once committed.
+
+        Raises the IngestError that refused it (after recording the security alert), or
+        StoreError. `collector.ingestproc` runs the same steps from its own loop:
+        `receive`, `verify_and_prepare` (in a worker), `pending`, `store_group`, then
+        `acknowledge` or `refused`.
+        """
         try:
-            body, signature, key_id = decode_signed_batch(raw)
-            agent = self._store.get_agent_key(tls_agent_id) if tls_agent_id else None
-            head = self._store.chain_head(agent.agent_id) if agent is not None else None
-            # Verify and build the rows before queueing for the writer (in a worker process,
-            # or on this thread): other batches are written meanwhile.
-            prepared = self._decoder.prepare((body, signature, key_id), tls_agent_id, agent, head)
-            batch = prepared.batch
-            pending = _Pending(prepared, now_ns, self._future_alert(batch, now_ns))
+            signed, agent, head = self.receive(raw, tls_agent_id)
+            # Verify and build the rows before queueing for the writer: other batches are
+            # written meanwhile.
+            prepared = verify_and_prepare(signed, tls_agent_id, agent, head)
+            pending = self.pending(prepared, now_ns)
             self._wait_restored()
             result = self._commits.submit(pending)
         except IngestError as e:
-            who = tls_agent_id or "unauthenticated"
-            logger.warning("refused batch from %s: %s: %s", who, type(e).__name__, e)
-            self._metrics.add("exfilwatch_batches_refused_total", reason=type(e).__name__)
-            self._store.record_security_alert(who, type(e).__name__, str(e), now_ns)
+            self.refused(e, tls_agent_id, now_ns)
             raise
+        return self.acknowledge(pending, result)
+
+    def receive(
+        self, raw: bytes, tls_agent_id: str | None
+    ) -> tuple[Signed, AgentKey | None, ChainHead | None]:
+        """The SignedBatch's parts, with the enrolled key and committed chain head of the
+        TLS identity (what a decoder needs); MalformedBatchError if it does not parse."""
+        signed = decode_signed_batch(raw)
+        agent = self._store.get_agent_key(tls_agent_id) if tls_agent_id else None
+        head = self._store.chain_head(agent.agent_id) if agent is not None else None
+        return signed, agent, head
+
+    def pending(self, prepared: PreparedBatch, now_ns: int) -> Pending:
+        """A verified upload, ready for `store_group`."""
+        return Pending(prepared, now_ns, self._future_alert(prepared.batch, now_ns))
+
+    def refused(self, error: IngestError, tls_agent_id: str | None, now_ns: int) -> None:
+        """Log, count and record (as a security alert) an upload refused with `error`."""
+        who = tls_agent_id or "unauthenticated"
+        logger.warning("refused batch from %s: %s: %s", who, type(error).__name__, error)
+        self._metrics.add("exfilwatch_batches_refused_total", reason=type(error).__name__)
+        self._store.record_security_alert(who, type(error).__name__, str(error), now_ns)
+
+    def acknowledge(self, pending: Pending, result: StoreResult) -> Ack:
+        """Count and log a stored (or duplicate) upload; the Ack its agent gets."""
         metrics = self._metrics
         outcome = "duplicate" if result.duplicate else "stored"
         metrics.add("exfilwatch_batches_total", outcome=outcome)
@@ -247,6 +273,7 @@ class Ingestor:
             logger.info("alerts opened: %s", ", ".join(map(str, result.alerts_opened)))
         if pending.security and not result.duplicate:
             logger.warning("%s: %s", CLOCK_SKEW_FUTURE, pending.security[0][1])
+        batch = pending.prepared.batch
         return Ack(
             agent_id=batch.agent_id,
             batch_seq=batch.batch_seq,
@@ -255,8 +282,9 @@ class Ingestor:
             events_stored=result.events_stored,
         )
 
-    def _store_group(self, group: Sequence[_Pending]) -> list[StoreResult | IngestError]:
-        """Write the uploads of one group commit (`GroupCommit` calls it, one at a time).
+    def store_group(self, group: Sequence[Pending]) -> list[StoreResult | IngestError]:
+        """Write the uploads of one group commit (`GroupCommit` calls it, one at a time;
+        collector.ingestproc's loop too, once the windows are restored).
 
         An outcome is the upload's StoreResult, or the refusal its caller raises.
         """
@@ -268,7 +296,7 @@ class Ingestor:
                 self._last_expire_ns = now_ns
         return outcomes
 
-    def _store_locked(self, group: Sequence[_Pending]) -> list[StoreResult | IngestError]:
+    def _store_locked(self, group: Sequence[Pending]) -> list[StoreResult | IngestError]:
         engine = self._engine
         writes = [
             BatchWrite(

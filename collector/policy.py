@@ -224,9 +224,15 @@ def load_policy(path: Path) -> Policy:
     source = str(path)
     try:
         raw = path.read_bytes()
-        text = raw.decode("utf-8")
     except OSError as e:
         raise ConfigError(f"{source}: cannot read policy: {e.strerror or e}") from e
+    return policy_from_document(raw, source)
+
+
+def policy_from_document(raw: bytes, source: str) -> Policy:
+    """`load_policy` of a file's bytes (`source` names it in errors)."""
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{source}: not UTF-8 text (byte {e.start})") from e
     try:

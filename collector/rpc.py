@@ -26,6 +26,7 @@ from collector.errors import (
     DecoderUnavailableError,
     EnrollmentError,
     IdentityMismatchError,
+    IngestUnavailableError,
     MalformedBatchError,
     ReplayConflictError,
     RevokedAgentError,
@@ -56,6 +57,7 @@ _STATUS: tuple[tuple[type[CollectorError], grpc.StatusCode], ...] = (
     (ChainError, grpc.StatusCode.FAILED_PRECONDITION),
     (EnrollmentError, grpc.StatusCode.PERMISSION_DENIED),
     (DecoderUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (IngestUnavailableError, grpc.StatusCode.UNAVAILABLE),
 )
 
 

@@ -53,6 +53,12 @@ class Bound:
     enroll_port: int
 
 
+RPC_THREADS = 64
+"""Calls served at once. An upload holds its thread while it waits in the ingest process for
+its group commit (collector.ingestproc), so this bounds the batches one commit can take;
+more calls queue in gRPC (up to 16 times as many)."""
+
+
 def split_hostport(text: str, what: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -66,7 +72,7 @@ def create_server(
     *,
     listen: str,
     enroll_listen: str,
-    workers: int = 8,
+    workers: int = RPC_THREADS,
 ) -> Bound:
     """Bind both ports; raises ConfigError when an address cannot be bound.
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from collector import pki
-from collector.decoding import PoolDecoder
 from collector.enroll import Enrollment
-from collector.ingest import Ingestor
+from collector.ingest import Ingestor, IngestSettings
+from collector.ingestproc import IngestConfig, IngestProcess
 from collector.policy import load_policy
-from collector.rpc import Handlers
+from collector.rpc import Handlers, Ingest
 from collector.server import Bound, create_server
 from collector.store import SqliteStore
 
@@ -53,18 +53,30 @@ def serving(
     data: Path,
     *,
     clock: Callable[[], int] = time.time_ns,
-    decode_workers: int = 0,
+    decode_workers: int | None = None,
     rpc_workers: int = 4,
 ) -> Iterator[InProcessCollector]:
-    """A collector initialised in `data` and serving on free loopback ports, in this
-    process, with `clock` as its time; stopped and closed at the end."""
+    """A collector initialised in `data` and serving on free loopback ports, with `clock` as
+    its time; stopped and closed at the end. Ingest runs in this process, or, given
+    `decode_workers`, in an ingest process with that many decode workers, as `serve` runs
+    it (whose windows are restored at the real time)."""
     pki.init_pki(data)
     authority = pki.Authority.load(data)
     store = SqliteStore.open(data / "collector.db")
     policy = load_policy(POLICY)
-    decoder = PoolDecoder(decode_workers) if decode_workers else None
-    ingest = Ingestor(store, policy, decoder=decoder)
-    ingest.restore(clock())
+    ingest: Ingest
+    process: IngestProcess | None = None
+    if decode_workers is None:
+        ingest = Ingestor(store, policy)
+        ingest.restore(clock())
+    else:
+        config = IngestConfig(
+            data / "collector.db", "FULL", policy.document, str(POLICY), IngestSettings(), None,
+            decode_workers,
+        )  # fmt: skip
+        ingest = process = IngestProcess(config)
+        process.start()
+        process.restore_in_background(on_failure=lambda: None).join()
     ports: dict[str, int] = {}
     handlers = Handlers(
         ingest,
@@ -83,8 +95,8 @@ def serving(
         yield InProcessCollector(data, store, authority, bound)
     finally:
         bound.server.stop(grace=None).wait()
-        if decoder is not None:
-            decoder.close()
+        if process is not None:
+            process.close()
         store.close()
 
 
@@ -92,9 +104,9 @@ def serving(
 def inproc_collector(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[InProcessCollector]:
-    """A collector server in this process. Indirect parameter: its number of decode worker
-    processes (default 0: uploads are decoded in the server's threads)."""
-    workers = int(getattr(request, "param", 0))
+    """A collector server in this process. Indirect parameter: the number of decode workers
+    of an ingest process as `serve` runs (default None: ingest in this process)."""
+    workers = getattr(request, "param", None)
     with serving(tmp_path / "collector", decode_workers=workers) as collector:
         yield collector
 

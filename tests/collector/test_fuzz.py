@@ -94,7 +94,7 @@ def requests(signer: Signer, agent_id: str) -> st.SearchStrategy[bytes]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("inproc_collector", [1], indirect=True, ids=["decode-worker"])
+@pytest.mark.parametrize("inproc_collector", [1], indirect=True, ids=["ingest-process"])
 def test_fuzzed_uploads_are_refused_cleanly(
     inproc_collector: InProcessCollector, raw_client: tuple[Raw, Signer, str]
 ) -> None:
