@@ -30,6 +30,7 @@ from collector.enroll import Enrollment
 from collector.errors import CollectorError, ConfigError, StoreError
 from collector.ingest import IngestSettings
 from collector.ingestproc import IngestConfig, IngestProcess
+from collector.logsetup import log_to_stderr
 from collector.metrics import Gauge, Health, Metrics, MetricsServer, store_gauges
 from collector.monitor import Monitor
 from collector.policy import Policy, load_policy, parse_duration
@@ -124,6 +125,7 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
                 settings=settings,
                 directory=directory,
                 decode_workers=args.decode_workers,
+                log_level=logging.getLogger("collector").getEffectiveLevel(),
             ),
             metrics,
         )
@@ -557,12 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = "DEBUG" if args.verbose else os.environ.get("EXFILWATCH_LOGLEVEL", "INFO").upper()
-    pkg = logging.getLogger("collector")
-    if not pkg.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        pkg.addHandler(handler)
-    pkg.setLevel(level if level in logging.getLevelNamesMapping() else "INFO")
+    log_to_stderr(level if level in logging.getLevelNamesMapping() else "INFO")
     func: Command = args.func
     try:
         return func(args, out or sys.stdout)

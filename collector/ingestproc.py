@@ -49,6 +49,7 @@ from collector.errors import (
     StoreError,
 )
 from collector.ingest import MAX_GROUP, RESTORING, Ingestor, IngestSettings, Pending
+from collector.logsetup import log_to_stderr
 from collector.metrics import Metrics
 from collector.policy import policy_from_document
 from collector.records import StoreResult
@@ -410,9 +411,7 @@ def _child(conn: Connection, config: IngestConfig) -> None:
     # once its server stopped taking calls, and we finish the calls we hold first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(
-        level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    log_to_stderr(config.log_level)
     store = SqliteStore(config.database, synchronous=config.synchronous)
     try:
         metrics = _Recording()
@@ -427,7 +426,6 @@ def _child(conn: Connection, config: IngestConfig) -> None:
             # Orphaned (the parent was killed: a new collector may start on this database
             # at once, and no answer can reach an agent), or stopped before the windows
             # were whole (only reads are lost): go now. A transaction cut short rolls back.
-            logging.shutdown()
             os._exit(0)
         restoring.join()
     finally:
