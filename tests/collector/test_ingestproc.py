@@ -141,9 +141,12 @@ def test_heartbeats_are_answered_by_the_ingest_process(tmp_path: Path, db: Sqlit
     )  # fmt: skip
 
 
-def _upload_in_thread(
-    process: IngestProcess, agent: TestAgent, raw: bytes
-) -> tuple[threading.Thread, list[object]]:
+def _killed_holding(
+    victim: psutil.Process, process: IngestProcess, agent: TestAgent, raw: bytes
+) -> object:
+    """Stop `victim`, upload `raw` (on a thread) until it reaches it, kill it: what the
+    upload returned or raised."""
+    victim.suspend()  # it takes the call, and will not answer
     outcome: list[object] = []
 
     def run() -> None:
@@ -154,56 +157,41 @@ def _upload_in_thread(
 
     thread = threading.Thread(target=run)
     thread.start()
-    return thread, outcome
+    wait_until(lambda: _has_queued(victim), 30, "the upload to reach the stopped process")
+    victim.kill()
+    thread.join(30)
+    assert len(outcome) == 1
+    return outcome[0]
 
 
-def test_a_killed_decode_worker_fails_the_upload_it_held_and_another_takes_over(
-    tmp_path: Path, db: SqliteStore
+@pytest.mark.parametrize("victim", ["decode-worker", "ingest-process"])
+def test_a_killed_process_fails_the_upload_it_held_retryably_and_another_takes_over(
+    tmp_path: Path, db: SqliteStore, victim: str
 ) -> None:
     agent = new_agent()
     enroll(db, agent)
-    chain = BatchChain(agent)
-    process = _started(tmp_path / DB, 1)
-    try:
-        assert process.pid is not None
-        (worker,) = _children(process.pid)
-        worker.suspend()  # it takes the job, and will not answer
-        signed = chain.next(n=3)
-        thread, outcome = _upload_in_thread(process, agent, signed.raw)
-        wait_until(lambda: _has_queued(worker), 30, "the job to reach the stopped worker")
-        worker.kill()
-        thread.join(30)
-        assert len(outcome) == 1 and isinstance(outcome[0], DecoderUnavailableError)
-        (again,) = wait_until(lambda: _children(process.pid or 0), 30, "another worker")
-        assert again.pid != worker.pid
-        ack = process.upload(signed.raw, agent.agent_id, NOW)  # the agent's retry
-        assert (ack.batch_seq, ack.duplicate, ack.events_stored) == (1, False, 3)
-    finally:
-        process.close()
-
-
-def test_a_killed_ingest_process_fails_its_calls_retryably_and_the_next_call_starts_one(
-    tmp_path: Path, db: SqliteStore
-) -> None:
-    agent = new_agent()
-    enroll(db, agent)
-    chain = BatchChain(agent)
+    signed = BatchChain(agent).next(n=3)
     process = _started(tmp_path / DB, 1)
     try:
         first = process.pid
         assert first is not None
         child = psutil.Process(first)
-        child.suspend()
-        signed = chain.next(n=3)
-        thread, outcome = _upload_in_thread(process, agent, signed.raw)
-        wait_until(lambda: _has_queued(child), 30, "the upload to reach the stopped child")
-        child.kill()
-        thread.join(30)
-        assert len(outcome) == 1 and isinstance(outcome[0], IngestUnavailableError)
+        (worker,) = child.children()
+        outcome = _killed_holding(
+            worker if victim == "decode-worker" else child, process, agent, signed.raw
+        )
+        if victim == "decode-worker":
+            assert isinstance(outcome, DecoderUnavailableError)
+            (again,) = wait_until(child.children, 30, "another worker")
+            assert again.pid != worker.pid
+        else:
+            assert isinstance(outcome, IngestUnavailableError)
         ack = process.upload(signed.raw, agent.agent_id, NOW)  # the agent's retry
         assert (ack.batch_seq, ack.duplicate, ack.events_stored) == (1, False, 3)
-        assert process.pid not in (None, first)
-        assert _gone(first)
+        if victim == "ingest-process":  # the call started another
+            assert process.pid not in (None, first)
+            assert _gone(first)
+            wait_until(lambda: _gone(worker.pid), 30, "its worker to follow it")
     finally:
         process.close()
 
