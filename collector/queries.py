@@ -12,7 +12,7 @@ import logging
 import sqlite3
 from base64 import b64decode
 from binascii import b2a_base64
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
@@ -283,12 +283,6 @@ _FOLLOW_UP = (  # a closed alert's copy, opened for evidence that arrived after 
     " 'more after alert #' || alert_id || ' was closed as ' || status || ': ' || reason,"
     " ?1, ?1, 0, 0, ?2, ?2, ?3, agent_id FROM alerts WHERE alert_id = ?4"
 )
-_FIND_ALERTS = (  # `_FIND_ALERT` of several groups at once (`AlertWriter.prefetch`)
-    # CROSS JOIN: the groups drive, each a search of alerts_group.
-    "SELECT a.rule, a.group_json, a.alert_id, a.status IN ('new', 'in_progress')"
-    " FROM (VALUES {}) AS v CROSS JOIN alerts AS a"
-    " ON a.kind = 'threshold' AND a.rule = v.column1 AND a.group_json = v.column2"
-)
 _FIND_OPEN_ALERT = (
     "SELECT alert_id FROM alerts WHERE kind = ? AND rule = ? AND group_json = ?"
     " AND status IN ('new', 'in_progress') ORDER BY alert_id DESC LIMIT 1"
@@ -501,21 +495,9 @@ def _evidence_alert(
     found = con.execute(_FIND_ALERT, params).fetchone()
     if found is None:
         return None
-    return _join_or_follow(con, d, AlertId(found[0]), bool(found[1]), observed_ns, now_ns)
-
-
-def _join_or_follow(
-    con: sqlite3.Connection,
-    d: EvidenceAdded,
-    alert_id: AlertId,
-    is_open: bool,
-    observed_ns: int,
-    now_ns: int,
-) -> AlertId:
-    """`alert_id` if it is open, else a new alert that follows the closed one."""
+    closed, is_open = found
     if is_open:
-        return alert_id
-    closed = alert_id
+        return AlertId(closed)
     cur = con.execute(_FOLLOW_UP, (now_ns, observed_ns, d.hot_until_ns, closed))
     alert_id = AlertId(cur.lastrowid or 0)
     logger.info("alert %d was closed; evidence %s opens alert %d", closed, d.event_id, alert_id)
@@ -546,24 +528,7 @@ class AlertWriter:
         """alert -> [files, bytes, first_ns, last_ns, hot_until_ns, updated_at_ns] to apply."""
         self._parts: dict[AlertId, ReasonParts] = {}
         """alert -> the words of its new evidence, merged into its reason by `flush`."""
-        self._found: dict[tuple[str, str], tuple[AlertId, bool]] = {}
-        """(rule, group JSON) -> what _FIND_ALERT finds (`prefetch`); absent: no alert."""
-        self._fetched: set[tuple[str, str]] = set()
         self.opened: list[AlertId] = []
-
-    def prefetch(self, keys: Iterable[tuple[str, GroupKey]]) -> None:
-        """Look up the alerts of these (rule, group)s in one statement (per 400), before
-        any `open` or `add`: what `_evidence_alert` would find for each, one query apiece."""
-        wanted = sorted({(rule, group_json(group)) for rule, group in keys} - self._fetched)
-        for start in range(0, len(wanted), 400):
-            part = wanted[start : start + 400]
-            sql = _FIND_ALERTS.format(", ".join(["(?, ?)"] * len(part)))
-            for rule, group, alert_id, is_open in self._con.execute(sql, _flat(part)):
-                found = self._found.get((rule, group))
-                # The open alert if there is one, else the latest (as _FIND_ALERT orders).
-                if found is None or (bool(is_open), alert_id) > (found[1], found[0]):
-                    self._found[rule, group] = (AlertId(alert_id), bool(is_open))
-        self._fetched.update(wanted)
 
     def open(self, d: AlertOpened, agent_id: str, now_ns: int) -> AlertId:
         alert_id = open_alert(self._con, d, agent_id, now_ns)
@@ -583,7 +548,7 @@ class AlertWriter:
             alert_id = self._alerts[key]
         else:
             t = ev.observed_at_ns
-            alert_id = self._alerts[key] = self._evidence_alert(d, t, now_ns)
+            alert_id = self._alerts[key] = _evidence_alert(self._con, d, t, now_ns)
         if alert_id is None:
             logger.warning("evidence %s for rule %s has no alert; dropped", d.event_id, d.rule)
             return
@@ -612,15 +577,6 @@ class AlertWriter:
             totals[4] = d.hot_until_ns
         if now_ns > totals[5]:
             totals[5] = now_ns
-
-    def _evidence_alert(self, d: EvidenceAdded, observed_ns: int, now_ns: int) -> AlertId | None:
-        fetched = (d.rule, group_json(d.group))
-        if fetched not in self._fetched:
-            return _evidence_alert(self._con, d, observed_ns, now_ns)
-        found = self._found.get(fetched)
-        if found is None:
-            return None
-        return _join_or_follow(self._con, d, found[0], found[1], observed_ns, now_ns)
 
     def flush(self) -> None:
         """Write the gathered evidence; call once, after the last decision."""

@@ -710,23 +710,18 @@ def _write_batches(con: sqlite3.Connection, writes: Sequence[BatchWrite]) -> lis
     con.executemany(_SEEN, [(now_ns, agent_id) for agent_id, now_ns in seen.items()])
 
     writer = queries.AlertWriter(con, {ev.event_id: ev for events in new for ev in events})
-    # The rules first (they read nothing from the database), so that the alerts the
-    # evidence joins are looked up in one statement, then their decisions in order.
-    decided = [
-        [d for ev in events for d in w.decide(ev)] for w, events in zip(writes, new, strict=True)
-    ]
-    writer.prefetch((d.rule, d.group) for ds in decided for d in ds if isinstance(d, EvidenceAdded))
     marks = []
-    for w, decisions in zip(writes, decided, strict=True):
+    for w, events in zip(writes, new, strict=True):
         marks.append(len(writer.opened))
-        agent_id, now_ns = w.batch.batch.agent_id, w.now_ns
-        for decision in decisions:
-            if isinstance(decision, AlertOpened):
-                writer.open(decision, agent_id, now_ns)
-            elif isinstance(decision, EvidenceAdded):
-                writer.add(decision, now_ns)
-            else:
-                assert_never(decision)
+        agent_id, now_ns, decide = w.batch.batch.agent_id, w.now_ns, w.decide
+        for ev in events:
+            for decision in decide(ev):
+                if isinstance(decision, AlertOpened):
+                    writer.open(decision, agent_id, now_ns)
+                elif isinstance(decision, EvidenceAdded):
+                    writer.add(decision, now_ns)
+                else:
+                    assert_never(decision)
     writer.flush()
     marks.append(len(writer.opened))
 
