@@ -161,9 +161,10 @@ class AlertOpened:
     """What `reason` says apart from the numbers; the store re-renders it as evidence grows."""
 
 
-@dataclass(frozen=True)
-class EvidenceAdded:
-    """A matching event arrived while the group's alert is open: attach it."""
+class EvidenceAdded(NamedTuple):
+    """A matching event arrived while the group's alert is open: attach it. A NamedTuple:
+    the rules make one or two per event stored, and a frozen dataclass costs several times
+    as much to build."""
 
     rule: str
     group: GroupKey
