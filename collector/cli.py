@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Final, Literal, TextIO
 
 from collector import __version__, cli_console, pki
 from collector import policy as policy_mod
@@ -70,13 +70,17 @@ def workers_arg(text: str) -> int:
     return n
 
 
+SYNCHRONOUS: Final[Literal["FULL"]] = "FULL"
+"""Every connection `serve` opens: an acknowledged batch is deleted by the agent, so its
+commit must be durable."""
+
+
 def open_store(data: Path) -> SqliteStore:
     if not (data / pki.CA_CERT).exists():
         raise ConfigError(
             f"{data} is not an initialised collector data directory",
         )
-    # FULL: an acknowledged batch is deleted by the agent, so its commit must be durable.
-    return SqliteStore.open(data / DB_FILE, synchronous="FULL")
+    return SqliteStore.open(data / DB_FILE, synchronous=SYNCHRONOUS)
 
 
 def cmd_init(args: argparse.Namespace, out: TextIO) -> int:
@@ -119,7 +123,7 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         ingest = IngestProcess(
             IngestConfig(
                 database=args.data / DB_FILE,
-                synchronous="FULL",
+                synchronous=SYNCHRONOUS,
                 policy_document=policy.document,
                 policy_source=str(args.policy),
                 settings=settings,

@@ -27,6 +27,7 @@ __all__ = [
     "default_workers",
     "verify_and_prepare",
     "verify_and_prepare_light",
+    "with_signed",
     "worker_init",
 ]
 
@@ -50,6 +51,14 @@ def verify_and_prepare_light(
     prepared = verify_and_prepare(signed, tls_agent_id, agent, head)
     light = dataclasses.replace(prepared.batch, body=b"", signature=b"", key_id=b"")
     return PreparedBatch(light, prepared.rows)
+
+
+def with_signed(light: PreparedBatch, signed: Signed) -> PreparedBatch:
+    """The inverse of `verify_and_prepare_light`: its result with the body and signature
+    the caller kept (what `verify_and_prepare` returns)."""
+    body, signature, key_id = signed
+    batch = dataclasses.replace(light.batch, body=body, signature=signature, key_id=key_id)
+    return PreparedBatch(batch, light.rows)
 
 
 def default_workers() -> int:

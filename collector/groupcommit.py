@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-__all__ = ["GroupCommit"]
+__all__ = ["GroupCommit", "write_group"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,31 +79,12 @@ class GroupCommit(Generic[T, R]):
         with self._lock:
             group = [self._queue[i] for i in range(min(len(self._queue), self._max_items))]
         try:
-            try:
-                outcomes = self._run([s.item for s in group])
-            except Exception as e:
-                if len(group) == 1:
-                    raise
-                logger.warning("a group of %d failed (%s); writing each alone", len(group), e)
-                outcomes = []
-                for slot in group:
-                    try:
-                        outcomes.extend(self._run([slot.item]))
-                    except Exception as alone:
-                        outcomes.append(alone)
-        except Exception as e:
-            outcomes = [e]
+            outcomes = write_group(self._run_group, [s.item for s in group])
         except BaseException as e:
             # Not ours to handle (KeyboardInterrupt, SystemExit): the others fail, this raises.
             self._finish(group, [RuntimeError(f"group commit interrupted: {e!r}") for _ in group])
             raise
         self._finish(group, outcomes)
-
-    def _run(self, items: list[T]) -> list[R | Exception]:
-        outcomes = list(self._run_group(items))
-        if len(outcomes) != len(items):
-            raise RuntimeError(f"run_group returned {len(outcomes)} outcomes for {len(items)}")
-        return outcomes
 
     def _finish(self, group: list[_Slot[T, R]], outcomes: Sequence[R | Exception]) -> None:
         with self._lock:
@@ -116,3 +97,33 @@ class GroupCommit(Generic[T, R]):
             slot.turn.set()
         if head is not None:
             head.turn.set()  # not done: it leads the next group
+
+
+def write_group(
+    run_group: Callable[[Sequence[T]], Sequence[R | Exception]], items: Sequence[T]
+) -> list[R | Exception]:
+    """`run_group(items)`'s outcomes, one per item. When it raises for several items, each
+    is run again alone, so that an item that cannot be written fails by itself and does not
+    hold the others back; for a lone item, what it raised is the outcome."""
+    try:
+        return _outcomes(run_group, items)
+    except Exception as e:
+        if len(items) == 1:
+            return [e]
+        logger.warning("a group of %d failed (%s); writing each alone", len(items), e)
+    outcomes: list[R | Exception] = []
+    for item in items:
+        try:
+            outcomes.extend(_outcomes(run_group, [item]))
+        except Exception as alone:
+            outcomes.append(alone)
+    return outcomes
+
+
+def _outcomes(
+    run_group: Callable[[Sequence[T]], Sequence[R | Exception]], items: Sequence[T]
+) -> list[R | Exception]:
+    outcomes = list(run_group(items))
+    if len(outcomes) != len(items):
+        raise RuntimeError(f"run_group returned {len(outcomes)} outcomes for {len(items)}")
+    return outcomes

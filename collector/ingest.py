@@ -55,6 +55,11 @@ CLOCK_SKEW_FUTURE = "clock_skew_future"
 """Kind of the security alert for batches dated too far ahead of the collector's clock."""
 
 
+def restore_failed(error: object) -> StoreError:
+    """What an upload fails with once the rules' windows could not be restored (retried)."""
+    return StoreError(f"the rule windows could not be restored: {error}")
+
+
 @dataclass(frozen=True)
 class IngestSettings:
     """Collector-side limits of ingest (`serve` flags)."""
@@ -161,7 +166,7 @@ class Ingestor:
         if not self._restored.wait(self._settings.restore_wait_s):
             raise StoreError(RESTORING)
         if self._restore_error is not None:
-            raise StoreError(f"the rule windows could not be restored: {self._restore_error}")
+            raise restore_failed(self._restore_error)
 
     def _restore_locked(self, now_ns: int) -> None:
         started = time.monotonic()

@@ -17,7 +17,6 @@ as a duplicate) and a new child is started, which restores the windows again.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import logging
@@ -38,6 +37,7 @@ from collector.decoding import (
     Signed,
     verify_and_prepare,
     verify_and_prepare_light,
+    with_signed,
     worker_init,
 )
 from collector.directory import Directory
@@ -48,13 +48,21 @@ from collector.errors import (
     IngestUnavailableError,
     StoreError,
 )
-from collector.ingest import MAX_GROUP, RESTORING, Ingestor, IngestSettings, Pending
+from collector.groupcommit import write_group
+from collector.ingest import (
+    MAX_GROUP,
+    RESTORING,
+    Ingestor,
+    IngestSettings,
+    Pending,
+    restore_failed,
+)
 from collector.logsetup import log_to_stderr
 from collector.metrics import Metrics
 from collector.policy import policy_from_document
 from collector.records import StoreResult
 from collector.rpc import Ack, Heartbeat, HeartbeatReply
-from collector.store import PreparedBatch, SqliteStore
+from collector.store import SqliteStore
 
 __all__ = ["IngestConfig", "IngestProcess"]
 
@@ -135,11 +143,8 @@ def _decode_worker(conn: Connection) -> None:
         job, signed, tls_agent_id, agent, head = message
         try:
             results.put((job, True, verify_and_prepare_light(signed, tls_agent_id, agent, head)))
-        except IngestError as e:
-            results.put((job, False, e))
-        except Exception as e:  # a bug: the writer answers INTERNAL
-            logger.exception("decoding failed")
-            results.put((job, False, RuntimeError(f"{type(e).__name__}: {e}")))
+        except Exception as e:  # a refusal, or a bug: the parent answers INTERNAL
+            results.put((job, False, _portable(e)))
     results.put(None)
     sender.join()
 
@@ -284,11 +289,8 @@ class _Loop:
     def _call(self, rid: int, method: Callable[[], object]) -> None:
         try:
             value = method()
-        except CollectorError as e:
-            self._reply(rid, False, e)
         except Exception as e:
-            logger.exception("ingest call failed")
-            self._reply(rid, False, RuntimeError(f"{type(e).__name__}: {e}"))
+            self._reply(rid, False, _portable(e))
         else:
             self._reply(rid, True, value)
 
@@ -336,9 +338,7 @@ class _Loop:
             if not ok:
                 self._refuse(upload, value)
                 continue
-            body, signature, key_id = upload.signed
-            batch = dataclasses.replace(value.batch, body=body, signature=signature, key_id=key_id)
-            pending = self._ingest.pending(PreparedBatch(batch, value.rows), upload.now_ns)
+            pending = self._ingest.pending(with_signed(value, upload.signed), upload.now_ns)
             self._inbox.put((upload, pending))
 
     def _died(self, worker: _Worker) -> None:
@@ -365,9 +365,8 @@ class _Loop:
             self._reply(rid, True, None if error is None else str(error))
         self._restore_waiters.clear()
         if ingest.restore_error is not None:
-            message = f"the rule windows could not be restored: {ingest.restore_error}"
             for upload, _ in self._ready:
-                self._reply(upload.rid, False, StoreError(message))
+                self._reply(upload.rid, False, restore_failed(ingest.restore_error))
             self._ready.clear()
             return
         while self._ready:
@@ -380,21 +379,10 @@ class _Loop:
                     self._refuse(upload, outcome)
 
     def _store(self, pendings: list[Pending]) -> list[StoreResult | Exception]:
-        """`Ingestor.store_group`; a group that fails is written again one upload at a time,
-        so that one that cannot be written fails alone (as collector.groupcommit does)."""
-        try:
-            return list(self._ingest.store_group(pendings))
-        except Exception as e:
-            if len(pendings) == 1:
-                return [_portable(e)]
-            logger.warning("a group of %d failed (%s); writing each alone", len(pendings), e)
-        outcomes: list[StoreResult | Exception] = []
-        for pending in pendings:
-            try:
-                outcomes.extend(self._ingest.store_group([pending]))
-            except Exception as e:
-                outcomes.append(_portable(e))
-        return outcomes
+        """`Ingestor.store_group`, each upload again alone if the group fails
+        (`groupcommit.write_group`); errors as the parent should see them."""
+        outcomes = write_group(self._ingest.store_group, pendings)
+        return [o if isinstance(o, StoreResult) else _portable(o) for o in outcomes]
 
 
 def _portable(error: Exception) -> Exception:
