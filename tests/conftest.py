@@ -15,6 +15,7 @@ from collector import pki
 from collector.enroll import Enrollment
 from collector.ingest import Ingestor, IngestSettings
 from collector.ingestproc import IngestConfig, IngestProcess
+from collector.metrics import Metrics
 from collector.policy import load_policy
 from collector.rpc import Handlers, Ingest
 from collector.server import Bound, create_server
@@ -48,6 +49,21 @@ class InProcessCollector:
         return str(token)
 
 
+def started_ingest_process(
+    db: Path, decode_workers: int, metrics: Metrics | None = None
+) -> IngestProcess:
+    """An ingest process on `db` as `serve` starts it (configs/policy.yaml), its windows
+    restored; the caller closes it."""
+    policy = load_policy(POLICY)
+    config = IngestConfig(
+        db, "FULL", policy.document, str(POLICY), IngestSettings(), None, decode_workers
+    )
+    process = IngestProcess(config, metrics)
+    process.start()
+    process.restore_in_background(on_failure=lambda: None).join()
+    return process
+
+
 @contextmanager
 def serving(
     data: Path,
@@ -70,13 +86,7 @@ def serving(
         ingest = Ingestor(store, policy)
         ingest.restore(clock())
     else:
-        config = IngestConfig(
-            data / "collector.db", "FULL", policy.document, str(POLICY), IngestSettings(), None,
-            decode_workers,
-        )  # fmt: skip
-        ingest = process = IngestProcess(config)
-        process.start()
-        process.restore_in_background(on_failure=lambda: None).join()
+        ingest = process = started_ingest_process(data / "collector.db", decode_workers)
     ports: dict[str, int] = {}
     handlers = Handlers(
         ingest,

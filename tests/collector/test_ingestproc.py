@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from collector.decoding import verify_and_prepare, verify_and_prepare_light
+from collector.decoding import verify_and_prepare, verify_and_prepare_light, with_signed
 from collector.errors import (
     CollectorError,
     DecoderUnavailableError,
@@ -25,24 +25,17 @@ from collector.errors import (
     SignatureError,
     UnknownAgentError,
 )
-from collector.ingest import IngestSettings
-from collector.ingestproc import IngestConfig, IngestProcess
+from collector.ingestproc import IngestProcess
 from collector.metrics import Metrics
-from collector.policy import load_policy
 from collector.rpc import Ack, Heartbeat
-from collector.store import PreparedBatch, SqliteStore
+from collector.store import SqliteStore
 from collector.verify import ChainHead
 from tests.collector.batches import T0, BatchChain, TestAgent, enroll, envelope, new_agent
-from tests.conftest import POLICY
+from tests.conftest import POLICY, started_ingest_process
 from tests.procs import Collector, run_cli, wait_until
 
 NOW = T0 + 3600 * 10**9
 DB = "c.db"
-
-
-def _config(db: Path, workers: int) -> IngestConfig:
-    policy = load_policy(POLICY)
-    return IngestConfig(db, "FULL", policy.document, str(POLICY), IngestSettings(), None, workers)
 
 
 @pytest.fixture
@@ -52,16 +45,9 @@ def db(tmp_path: Path) -> Iterator[SqliteStore]:
 
 
 def _started(db: Path, workers: int, metrics: Metrics | None = None) -> IngestProcess:
-    """An ingest process on `db`, its windows restored."""
-    process = IngestProcess(_config(db, workers), metrics)
-    process.start()
-    process.restore_in_background(on_failure=lambda: None).join()
+    process = started_ingest_process(db, workers, metrics)
     assert not process.restoring and process.restore_error is None
     return process
-
-
-def _children(pid: int) -> list[psutil.Process]:
-    return psutil.Process(pid).children()
 
 
 def test_a_worker_prepares_what_the_writer_would_prepare_itself() -> None:
@@ -73,9 +59,7 @@ def test_a_worker_prepares_what_the_writer_would_prepare_itself() -> None:
         inline = verify_and_prepare(signed.parts, agent.agent_id, agent.key(), last)
         light = verify_and_prepare_light(signed.parts, agent.agent_id, agent.key(), last)
         assert light.batch.body == b"" and light.batch.signature == b""  # not sent back
-        body, signature, key_id = signed.parts
-        whole = dataclasses.replace(light.batch, body=body, signature=signature, key_id=key_id)
-        assert PreparedBatch(whole, light.rows) == inline
+        assert with_signed(light, signed.parts) == inline
         assert len(inline.rows) == len(signed.events)
 
 
@@ -201,7 +185,8 @@ def test_close_stops_the_child_and_its_workers_and_later_calls_are_refused(
 ) -> None:
     process = _started(tmp_path / DB, 2)
     assert process.pid is not None
-    family = [psutil.Process(process.pid), *_children(process.pid)]
+    child = psutil.Process(process.pid)
+    family = [child, *child.children()]
     assert len(family) == 3
     process.close()
     _, alive = psutil.wait_procs(family, timeout=30)
