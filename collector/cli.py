@@ -30,10 +30,10 @@ from collector.enroll import Enrollment
 from collector.errors import CollectorError, ConfigError, StoreError
 from collector.ingest import IngestSettings
 from collector.ingestproc import IngestConfig, IngestProcess
-from collector.logsetup import log_to_stderr
 from collector.metrics import Gauge, Health, Metrics, MetricsServer, store_gauges
 from collector.monitor import Monitor
 from collector.policy import Policy, load_policy, parse_duration
+from collector.procsetup import log_to_stderr
 from collector.records import AgentRecord
 from collector.render import display_path, display_text, human_bytes
 from collector.rpc import Handlers

@@ -57,9 +57,9 @@ from collector.ingest import (
     Pending,
     restore_failed,
 )
-from collector.logsetup import log_to_stderr
 from collector.metrics import Metrics
 from collector.policy import policy_from_document
+from collector.procsetup import log_to_stderr, serving_gc
 from collector.records import StoreResult
 from collector.rpc import Ack, Heartbeat, HeartbeatReply
 from collector.store import SqliteStore
@@ -118,6 +118,7 @@ def _decode_worker(conn: Connection) -> None:
     writing a group), so neither end ever blocks on a full pipe and the worker decodes
     ahead of the writer."""
     worker_init()
+    serving_gc()
     jobs: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
     results: queue.SimpleQueue[tuple[int, bool, object] | None] = queue.SimpleQueue()
 
@@ -400,6 +401,7 @@ def _child(conn: Connection, config: IngestConfig) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     log_to_stderr(config.log_level)
+    serving_gc()
     store = SqliteStore(config.database, synchronous=config.synchronous)
     try:
         metrics = _Recording()

@@ -6,7 +6,6 @@ so tests can bind port 0.
 
 from __future__ import annotations
 
-import gc
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -14,6 +13,7 @@ import grpc
 
 from collector import pki
 from collector.errors import ConfigError
+from collector.procsetup import serving_gc
 from collector.rpc import Handlers
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
@@ -34,16 +34,6 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_connection_age_grace_ms", 30_000),
     ("grpc.so_reuseport", 0),
 )
-
-
-GC_THRESHOLDS = (5_000, 20, 100)
-"""Cyclic GC thresholds of a serving process (Python's default is 700, 10, 10).
-
-Ingest allocates some twenty container objects per event (decoded events, rows, rule
-entries) that die within the batch, so with the default the collector ran a young
-collection every few dozen events and a full one, over every rule window it keeps, every
-few thousand: 10-15% of ingest CPU, measured in process. Cycles are still
-collected; full collections are rarer."""
 
 
 @dataclass(frozen=True)
@@ -76,9 +66,9 @@ def create_server(
 ) -> Bound:
     """Bind both ports; raises ConfigError when an address cannot be bound.
 
-    Also sets this process's GC_THRESHOLDS: the process serves from now on.
+    Also sets this process's GC thresholds (procsetup.serving_gc): it serves from now on.
     """
-    gc.set_threshold(*GC_THRESHOLDS)
+    serving_gc()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
         options=SERVER_OPTIONS,
