@@ -13,7 +13,7 @@ import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Final, NamedTuple, assert_never
+from typing import Final, NamedTuple, assert_never, cast
 
 from collector.models import (
     AlertOpened,
@@ -38,36 +38,36 @@ _VERBS: Final = MappingProxyType(
 
 def group_key(rule: Rule, event: StoredEvent) -> GroupKey:
     """The event's group under `rule`, e.g. (("user", "alice"), ("host", "lt-0412"))."""
-    return tuple((dim.value, _GETTERS[dim](event)) for dim in rule.group_by)
+    return _group_key(rule, _values(rule)(event))
 
 
-def _getter(dim: Dimension) -> Callable[[StoredEvent], str]:
+def _field(dim: Dimension) -> str:
+    """The StoredEvent attribute a dimension groups by."""
     match dim:
         case Dimension.USER:
-            return operator.attrgetter("user")
+            return "user"
         case Dimension.HOST:
-            return operator.attrgetter("host")
+            return "host"
         case Dimension.DESTINATION:
-            return operator.attrgetter("destination_key")
+            return "destination_key"
         case _:
             assert_never(dim)
 
 
-_GETTERS: Final[Mapping[Dimension, Callable[[StoredEvent], str]]] = MappingProxyType(
-    {dim: _getter(dim) for dim in Dimension}
-)
+def _values(rule: Rule) -> Callable[[StoredEvent], object]:
+    """The event's group values under `rule`, as the engine keys its groups: one
+    attrgetter call (in C) returning the value, or a tuple of them for several dimensions.
+    A flat key is built and hashed several times faster than the GroupKey."""
+    return operator.attrgetter(*(_field(dim) for dim in rule.group_by))
 
 
-def _keyer(rule: Rule) -> Callable[[StoredEvent], GroupKey]:
-    """`group_key` for one rule, with the dimension names and getters looked up once."""
-    parts = tuple((dim.value, _GETTERS[dim]) for dim in rule.group_by)
-    if len(parts) == 1:
-        ((name, get),) = parts
-        return lambda event: ((name, get(event)),)
-    if len(parts) == 2:
-        (name1, get1), (name2, get2) = parts
-        return lambda event: ((name1, get1(event)), (name2, get2(event)))
-    return lambda event: tuple((name, get(event)) for name, get in parts)
+def _group_key(rule: Rule, values: object) -> GroupKey:
+    """The GroupKey of what `_values(rule)` returned."""
+    dims = [dim.value for dim in rule.group_by]
+    if len(dims) == 1:
+        return ((dims[0], str(values)),)
+    parts = cast(tuple[object, ...], values)
+    return tuple((dim, str(value)) for dim, value in zip(dims, parts, strict=True))
 
 
 class _Entry(NamedTuple):
@@ -100,9 +100,10 @@ class _Group:
     A plain class: one is made for every new user or host a rule sees, and a dataclass's
     default factories cost several times this __init__."""
 
-    __slots__ = ("entries", "episodes", "ids", "last_fed_ns", "parts", "prefix", "times")
+    __slots__ = ("entries", "episodes", "ids", "key", "last_fed_ns", "parts", "prefix", "times")
 
-    def __init__(self) -> None:
+    def __init__(self, key: GroupKey) -> None:
+        self.key = key
         self.entries: list[_Entry] = []
         self.times: list[int] = []
         self.prefix: list[int] = [0]
@@ -192,8 +193,9 @@ class _Plan(NamedTuple):
     """A rule as `ThresholdEngine.feed` reads it for each event."""
 
     rule: Rule
-    name: str
-    keyer: Callable[[StoredEvent], GroupKey]
+    groups: dict[object, _Group]
+    """The rule's groups, by `values` of their events."""
+    values: Callable[[StoredEvent], object]
     window_ns: int
     files: int | None
     size: int | None
@@ -243,8 +245,11 @@ class ThresholdEngine:
         self._min_rank = MappingProxyType(
             {rule.name: policy.label_rank(rule.match.min_label) for rule in policy.rules}
         )
-        self._groups: dict[tuple[str, GroupKey], _Group] = {}
-        self._keyers = MappingProxyType({rule.name: _keyer(rule) for rule in policy.rules})
+        self._groups: Mapping[str, dict[object, _Group]] = MappingProxyType(
+            {rule.name: {} for rule in policy.rules}
+        )
+        """Per rule, its groups by the `_values` of their events; each keeps its GroupKey."""
+        self._values = MappingProxyType({rule.name: _values(rule) for rule in policy.rules})
         self._matching: dict[tuple[str, str, str], tuple[int, tuple[_Plan, ...]]] = {}
         """(label rank, matching rules) per (label, action, destination class), filled as seen."""
 
@@ -263,8 +268,8 @@ class ThresholdEngine:
             plans = tuple(
                 _Plan(
                     rule,
-                    rule.name,
-                    self._keyers[rule.name],
+                    self._groups[rule.name],
+                    self._values[rule.name],
                     rule.window_ns,
                     rule.threshold.files,
                     rule.threshold.bytes,
@@ -296,15 +301,15 @@ class ThresholdEngine:
         size = event.size
         entry = _Entry(t, event_id, size, rank, event.action, event.destination_class)
         decisions: list[ThresholdDecision] = []
-        groups = self._groups
         for plan in plans:
-            rule, name, keyer, window, files, limit = plan
-            key = keyer(event)
-            group = groups.get((name, key))
+            rule, groups, values, window, files, limit = plan
+            value = values(event)
+            group = groups.get(value)
             if group is None:
-                group = groups[name, key] = _Group()
+                group = groups[value] = _Group(_group_key(rule, value))
             elif event_id in group.ids:
                 continue
+            key = group.key
             if group.last_fed_ns is None or group.last_fed_ns < now_ns:
                 group.last_fed_ns = now_ns
             times = group.times
@@ -353,14 +358,16 @@ class ThresholdEngine:
 
         A group fed within that window keeps its state even if its events are old, so a
         backlog uploaded over several batches is still counted together."""
-        for gk, group in list(self._groups.items()):
-            horizon = now_ns - self._rules[gk[0]].window_ns
-            if group.last_fed_ns is not None and group.last_fed_ns > horizon:
-                continue
-            group.drop_before(bisect.bisect_right(group.times, horizon))
-            group.episodes = [ep for ep in group.episodes if ep.hot_until_ns > horizon]
-            if not group.entries and not group.episodes:
-                del self._groups[gk]
+        for name, groups in self._groups.items():
+            window_ns = self._rules[name].window_ns
+            for value, group in list(groups.items()):
+                horizon = now_ns - window_ns
+                if group.last_fed_ns is not None and group.last_fed_ns > horizon:
+                    continue
+                group.drop_before(bisect.bisect_right(group.times, horizon))
+                group.episodes = [ep for ep in group.episodes if ep.hot_until_ns > horizon]
+                if not group.entries and not group.episodes:
+                    del groups[value]
 
     def restore(
         self,
@@ -376,7 +383,8 @@ class ThresholdEngine:
         policy.max_window_ns. `alerts`: (rule, group, hot_until_ns) of the alerts whose
         stretch may still be hot; each keeps its group's episode hot at least that long, so
         later events attach to it rather than open another alert."""
-        self._groups.clear()
+        for groups in self._groups.values():
+            groups.clear()
         for t, event in events:
             self.feed(event, t)
         for name, key, hot_until in alerts:
@@ -384,8 +392,15 @@ class ThresholdEngine:
             if rule is None:
                 logger.info("open alert of rule %s, no longer in the policy, not restored", name)
                 continue
-            key = tuple((str(dim), str(value)) for dim, value in key)
-            group = self._groups.setdefault((name, key), _Group())
+            names = [dim.value for dim in rule.group_by]
+            if [str(dim) for dim, _ in key] != names:
+                logger.info("open alert of rule %s, grouped otherwise now, not restored", name)
+                continue
+            values = tuple(str(value) for _, value in key)
+            flat = values[0] if len(values) == 1 else values
+            group = self._groups[name].get(flat)
+            if group is None:
+                group = self._groups[name][flat] = _Group(_group_key(rule, flat))
             eps = group.episodes
             index = bisect.bisect_left(eps, hot_until, key=lambda ep: ep.first_hot_ns) - 1
             if index < 0:  # its crossing is older than the replayed events
@@ -396,7 +411,9 @@ class ThresholdEngine:
 
     def state_size(self) -> int:
         """Retained events plus episode records, over all rules and groups."""
-        return sum(len(g.entries) + len(g.episodes) for g in self._groups.values())
+        return sum(
+            len(g.entries) + len(g.episodes) for gs in self._groups.values() for g in gs.values()
+        )
 
     def _evaluate(
         self, rule: Rule, key: GroupKey, group: _Group, entry: _Entry, appended: bool

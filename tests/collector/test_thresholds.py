@@ -408,6 +408,21 @@ def test_restore_seeds_open_alerts_older_than_the_replayed_events() -> None:
     )
 
 
+def test_restore_skips_an_open_alert_grouped_otherwise_than_its_rule_is_now() -> None:
+    """The policy changed the rule's group_by since the alert opened: the alert cannot be
+    matched to a group any more, so the rule's groups start cool."""
+    policy = make_policy(rule(files=3, window="10s", group_by=("user",)))
+    engine = ThresholdEngine(policy)
+    old_key = (("user", "alice"), ("host", "lt-0412"))
+
+    engine.restore([("r", old_key, 99 * S)], [])
+
+    assert kinds(feed_all(engine, [make_event(t * S) for t in (1, 2)])) == []
+    (opened,) = feed_all(engine, [make_event(3 * S)])
+    assert isinstance(opened, AlertOpened)
+    assert opened.group == (("user", "alice"),)
+
+
 def test_restore_reproduces_the_decisions_of_an_engine_that_never_stopped() -> None:
     policy = make_policy(
         rule("burst", files=4, size=5000, window="10s"),
