@@ -359,9 +359,8 @@ class ThresholdEngine:
         A group fed within that window keeps its state even if its events are old, so a
         backlog uploaded over several batches is still counted together."""
         for name, groups in self._groups.items():
-            window_ns = self._rules[name].window_ns
+            horizon = now_ns - self._rules[name].window_ns
             for value, group in list(groups.items()):
-                horizon = now_ns - window_ns
                 if group.last_fed_ns is not None and group.last_fed_ns > horizon:
                     continue
                 group.drop_before(bisect.bisect_right(group.times, horizon))
