@@ -32,13 +32,11 @@ import sqlite3
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent import codec
-from agent.signer import GENESIS_DIGEST, batch_digest
 from bench.common import POLICY, progress
 from bench.ingest import DAY_NS, Host, copy_event, fleet
 from collector.decoding import verify_and_prepare
@@ -48,19 +46,10 @@ from collector.procsetup import serving_gc
 from collector.records import StoreResult
 from collector.store import PreparedBatch, SqliteStore
 from collector.verify import ChainHead
-from tests.collector.batches import TestAgent, enroll, new_agent
+from tests.collector.batches import BatchChain, enroll, new_agent
 
 STEP_NS = 60 * 10**9
 """--times history: event spacing per agent, as bench/fleet.py's."""
-
-
-@dataclass
-class Chain:
-    agent: TestAgent
-    host: Host
-    seq: int = 0
-    event_seq: int = 0
-    prev: bytes = GENESIS_DIGEST
 
 
 def written_bytes() -> int:
@@ -70,14 +59,18 @@ def written_bytes() -> int:
 
 
 def build(
-    chains: list[Chain], n_events: int, batch: int, times: str, rng: random.Random
+    chains: list[tuple[BatchChain, Host]],
+    n_events: int,
+    batch: int,
+    times: str,
+    rng: random.Random,
 ) -> list[PreparedBatch]:
     """Signed batches, agent after agent, verified and with their rows built."""
     prepared = []
     now = time.time_ns()
     start = now - 20 * DAY_NS
     for i in range(n_events // batch):
-        chain = chains[i % len(chains)]
+        chain, host = chains[i % len(chains)]
         events = []
         for k in range(batch):
             chain.event_seq += 1
@@ -85,15 +78,14 @@ def build(
                 t = min(start + chain.event_seq * STEP_NS, now - 10**9)
             else:
                 t = now - 10**9 + i * 1_000 + k
-            event = copy_event(chain.host, chain.event_seq, t, rng)
-            events.append(codec.event_to_bytes(event))
-        chain.seq += 1
-        agent_id = chain.agent.agent_id
-        body = codec.encode_batch(agent_id, chain.seq, chain.prev, now, events)
-        head = None if chain.seq == 1 else ChainHead(chain.seq - 1, chain.prev)
-        chain.prev = batch_digest(body)
-        signed = (body, chain.agent.sign(body), chain.agent.key_id)
-        prepared.append(verify_and_prepare(signed, agent_id, chain.agent.key(), head))
+            events.append(codec.event_to_bytes(copy_event(host, chain.event_seq, t, rng)))
+        agent = chain.agent
+        head = ChainHead(chain.batch_seq, chain.prev_digest) if chain.batch_seq else None
+        body = codec.encode_batch(
+            agent.agent_id, chain.batch_seq + 1, chain.prev_digest, now, events
+        )
+        signed = chain.seal(body)
+        prepared.append(verify_and_prepare(signed.parts, agent.agent_id, agent.key(), head))
     return prepared
 
 
@@ -113,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         store = SqliteStore(Path(tmp) / "collector.db", synchronous="FULL")
         try:
             hosts = fleet(args.agents, 0, rng)
-            chains = [Chain(new_agent(), host) for host in hosts]
-            for chain in chains:
+            chains = [(BatchChain(new_agent()), host) for host in hosts]
+            for chain, _ in chains:
                 enroll(store, chain.agent)
             progress(f"building {args.events} events in batches of {args.batch}")
             batches = build(chains, args.events, args.batch, args.times, rng)
