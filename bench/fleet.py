@@ -25,7 +25,7 @@ batches still unacknowledged when it stopped).
 Prints one JSON object on stdout; progress goes to stderr.
 
     .venv/bin/python bench/fleet.py [--agents 500] [--workers 4] [--seconds 45]
-        [--batch-events 100] [--threads 2]
+        [--batch-events 100] [--threads 8]
 """
 
 from __future__ import annotations
@@ -961,7 +961,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--agents", type=int, default=500)
     parser.add_argument("--workers", type=int, default=4, help="load-generating processes")
-    parser.add_argument("--threads", type=int, default=2, help="calls in flight per worker")
+    parser.add_argument(
+        "--threads", type=int, default=8, help="calls in flight per worker (default 8: 32 in all)"
+    )
     parser.add_argument("--seconds", type=float, default=45, help="measured interval")
     parser.add_argument("--warmup", type=float, default=5)
     parser.add_argument("--batch-events", type=int, default=100)
