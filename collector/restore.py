@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from collector.models import GroupKey, StoredEvent
 from collector.policy import Dimension, Policy, Rule
 from collector.queries import EVENT_COLUMNS, event_from_row
-from collector.thresholds import group_key
+from collector.thresholds import group_values
 
 __all__ = ["RestoreState", "load"]
 
@@ -113,6 +113,8 @@ class _RuleScan:
             *actions,
             *classes,
         )
+        self._group_of = group_values(rule)
+        """An event's group, as the engine keys it (flat: cheaper than its GroupKey)."""
         # One group per user: once it has what it needs, nothing older can matter.
         self._one_group = user is not None and rule.group_by == (Dimension.USER,)
 
@@ -122,9 +124,9 @@ class _RuleScan:
         the last one taken, plus events that counted earlier than their own time (their
         place in the order is not the scan's)."""
         files, size = self.rule.threshold.files, self.rule.threshold.bytes
-        full: dict[GroupKey, int] = {}
+        full: dict[object, int] = {}
         """group -> observed_at_ns of the event that completed it."""
-        counts: dict[GroupKey, tuple[int, int]] = {}
+        counts: dict[object, tuple[int, int]] = {}
         cursor = self._con.execute(self._sql, self._params)
         try:
             for row in cursor:
@@ -132,7 +134,7 @@ class _RuleScan:
                 observed, received = row[4], row[-1]
                 t = observed if received is None or received >= observed else received
                 event = event_from_row(row)
-                key = group_key(self.rule, event)
+                key = self._group_of(event)
                 done_at = full.get(key)
                 if done_at is not None:
                     if observed == done_at:

@@ -38,7 +38,7 @@ _VERBS: Final = MappingProxyType(
 
 def group_key(rule: Rule, event: StoredEvent) -> GroupKey:
     """The event's group under `rule`, e.g. (("user", "alice"), ("host", "lt-0412"))."""
-    return _group_key(rule, _values(rule)(event))
+    return _group_key(rule, group_values(rule)(event))
 
 
 def _field(dim: Dimension) -> str:
@@ -54,15 +54,16 @@ def _field(dim: Dimension) -> str:
             assert_never(dim)
 
 
-def _values(rule: Rule) -> Callable[[StoredEvent], object]:
+def group_values(rule: Rule) -> Callable[[StoredEvent], object]:
     """The event's group values under `rule`, as the engine keys its groups: one
     attrgetter call (in C) returning the value, or a tuple of them for several dimensions.
-    A flat key is built and hashed several times faster than the GroupKey."""
+    A flat key is built and hashed several times faster than the GroupKey; equal flat
+    keys are equal GroupKeys. Make it once per rule, not per event."""
     return operator.attrgetter(*(_field(dim) for dim in rule.group_by))
 
 
 def _group_key(rule: Rule, values: object) -> GroupKey:
-    """The GroupKey of what `_values(rule)` returned."""
+    """The GroupKey of what `group_values(rule)` returned."""
     dims = [dim.value for dim in rule.group_by]
     if len(dims) == 1:
         return ((dims[0], str(values)),)
@@ -248,8 +249,8 @@ class ThresholdEngine:
         self._groups: Mapping[str, dict[object, _Group]] = MappingProxyType(
             {rule.name: {} for rule in policy.rules}
         )
-        """Per rule, its groups by the `_values` of their events; each keeps its GroupKey."""
-        self._values = MappingProxyType({rule.name: _values(rule) for rule in policy.rules})
+        """Per rule, its groups by the `group_values` of their events; each keeps its GroupKey."""
+        self._values = MappingProxyType({rule.name: group_values(rule) for rule in policy.rules})
         self._matching: dict[tuple[str, str, str], tuple[int, tuple[_Plan, ...]]] = {}
         """(label rank, matching rules) per (label, action, destination class), filled as seen."""
 
